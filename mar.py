@@ -1,0 +1,822 @@
+"""MAR (Li et al. 2024, arXiv:2406.11838) and the MARVAL one-step sampler (Gu et al. 2025, arXiv:2511.15190).
+
+This is the math file of the project. Every stage imports it. It holds:
+
+  1. the MAR transformer (masked encoder/decoder, state-dict compatible with the official checkpoints),
+  2. the per-token diffusion head `SimpleMLPAdaLN` and MAR's Gaussian diffusion (cosine schedule, learned-range
+     variance, MSE + variational-bound loss, IDDPM respacing), in ~250 lines instead of ADM's 900,
+  3. the samplers: MAR's teacher sampler (K AR iterations x N reverse diffusion steps, CFG) and MARVAL's one-step
+     sampler (K AR iterations x 1 head call from the fixed step t* = 400),
+  4. small shared helpers (DDP setup, EMA, atomic checkpoints) that every training script needs.
+
+Nothing here calls `.cuda()`: the device comes from the inputs. Randomness takes an optional `torch.Generator`
+(or, in the sampler, one generator per image, so an image does not depend on who else is in its batch).
+
+Quick use:
+    import mar
+    model = mar.mar_base()                                     # 207,924,768 parameters
+    mar.load_mar("pretrained_models/mar/mar_base/checkpoint-last.pth", model)   # EMA weights, strict
+    latents = model.sample_tokens(4, num_iter=64, cfg=2.9, labels=torch.tensor([1, 2, 3, 4]))  # teacher
+    latents = model.sample_tokens(4, num_iter=64, labels=..., one_step=True)                     # MARVAL
+    images = vae.decode(latents / 0.2325)
+"""
+import math
+import os
+import random
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# MAR's KL-16 latents are multiplied by this before the transformer ("normalize the std of latent to be 1").
+VAE_SCALE = 0.2325
+# MARVAL's one-step generator reads its input noise as x_t at this fixed step of the 1000-step schedule.
+ONE_STEP_T = 400
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transformer block (timm 0.9 `Block`, written out: pre-norm ViT block, exact GELU, qkv rows ordered q|k|v)
+# ----------------------------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.num_heads, self.attn_drop = num_heads, attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        # (B, N, 3D) -> (3, B, heads, N, head_dim): the 3D output rows are [q | k | v], each split into heads.
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, D)))  # (B, N, D)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden, drop=0.0):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)  # used twice, like timm's drop1/drop2
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """x + attn(norm1(x)), then x + mlp(norm2(x)). LayerNorm eps 1e-6 as in the official named configs."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, proj_drop=0.0, attn_drop=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, attn_drop, proj_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Diffusion head: SimpleMLPAdaLN (MAR models/diffloss.py). Input x_t (N, C), timestep t (N,), condition c (N, Dz).
+# Output (N, 2C): first C channels predict eps, last C the learned-range variance interpolation v in [-1, 1].
+# ----------------------------------------------------------------------------------------------------------------
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, width, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t):
+        # Sinusoidal embedding of the ORIGINAL integer step 0..999, cos first then sin (MAR/DiT convention).
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]  # (N, half)
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (N, W)
+
+
+class ResBlock(nn.Module):
+    """adaLN residual MLP block: h = mlp(LN(x) * (1 + scale) + shift); x + gate * h (no width expansion)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x, y):
+        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(self.in_ln(x) * (1 + scale) + shift)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, y):
+        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+
+
+class SimpleMLPAdaLN(nn.Module):
+    def __init__(self, in_channels, model_channels, out_channels, z_channels, num_res_blocks, grad_checkpointing=False):
+        super().__init__()
+        self.in_channels, self.grad_checkpointing = in_channels, grad_checkpointing
+        self.time_embed = TimestepEmbedder(model_channels)
+        self.cond_embed = nn.Linear(z_channels, model_channels)
+        self.input_proj = nn.Linear(in_channels, model_channels)
+        self.res_blocks = nn.ModuleList([ResBlock(model_channels) for _ in range(num_res_blocks)])
+        self.final_layer = FinalLayer(model_channels, out_channels)
+        # Official init: xavier Linear, N(0, .02) time MLP, zero adaLN outputs and zero final linear (output 0).
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        for blk in self.res_blocks:
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        for p in [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.zeros_(p.weight)
+            nn.init.zeros_(p.bias)
+
+    def forward(self, x, t, c):
+        x = self.input_proj(x)                       # (N, W)
+        y = self.time_embed(t) + self.cond_embed(c)  # (N, W): time and per-token condition share one vector
+        for blk in self.res_blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, y, use_reentrant=False)
+            else:
+                x = blk(x, y)
+        return self.final_layer(x, y)                # (N, 2C)
+
+    def forward_with_cfg(self, x, t, c, cfg_scale):
+        """Official CFG call: rows [:N/2] conditional, [N/2:] unconditional; only the FIRST half of x is used.
+
+        eps = uncond + cfg * (cond - uncond) is written into both halves; the variance channels stay per half.
+        """
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half]), t, c)
+        eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
+        cond, uncond = eps.chunk(2)
+        guided = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gaussian diffusion of the head (IDDPM, Nichol & Dhariwal 2021, arXiv:2102.09672, as used by MAR): only what MAR uses.
+# ----------------------------------------------------------------------------------------------------------------
+
+def cosine_betas(T=1000, max_beta=0.999):
+    """IDDPM Eq. 17: alpha_bar(t) = f(t)/f(0), f(t) = cos(((t/T) + s)/(1 + s) * pi/2)^2, s = 0.008.
+
+    beta_t = min(1 - alpha_bar(t+1)/alpha_bar(t), 0.999), float64. (The f(0) normalisation cancels in the ratio.)
+    """
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=np.float64)
+
+
+def space_timesteps(T, spec):
+    """IDDPM respacing: which of T steps to keep. spec "100" -> 100 evenly spaced steps with a FRACTIONAL stride
+    round(i * (T-1)/(n-1)): {0, 10, 20, ..., 989, 999}. A comma list "10,15" splits T into equal sections.
+
+    Deviation: "1" keeps {T-1} (one x0 prediction from pure noise). IDDPM keeps {0}, a no-op denoise of x_T on which
+    its own posterior-variance code then fails; MAR never uses one step.
+    """
+    spec = str(spec)
+    if spec == "1":
+        return [T - 1]
+    if spec.startswith("ddim"):
+        raise NotImplementedError("ddimN respacing is not used by MAR; pass a step count such as '100'")
+    counts = [int(s) for s in spec.split(",")]
+    size, extra = divmod(T, len(counts))
+    kept, start = set(), 0
+    for i, n in enumerate(counts):
+        length = size + (1 if i < extra else 0)
+        if n > length or n < 1:
+            raise ValueError(f"cannot keep {n} of {length} steps (respacing spec {spec!r})")
+        stride = (length - 1) / (n - 1) if n > 1 else 1
+        kept.update(start + round(stride * j) for j in range(n))  # Python round (half to even), like IDDPM
+        start += length
+    return sorted(kept)
+
+
+class GaussianDiffusion:
+    """MAR's diffusion: cosine schedule over T = 1000, eps prediction, learned-range variance, optional respacing.
+
+    With `respacing` (e.g. "100") the process runs on a subset of steps `timestep_map` (IDDPM section 4): the betas
+    are recomputed from the kept alpha_bar values, beta'_k = 1 - abar[t_k] / abar[t_{k-1}], and the network is
+    always called with the ORIGINAL step t_k. Indices `t` passed to the methods below index this (respaced) process.
+
+    Public arrays (float64 torch): betas, alphas_cumprod, alphas_cumprod_prev, posterior_variance,
+    posterior_log_variance_clipped, posterior_mean_coef1/2; timestep_map (long).
+    """
+
+    def __init__(self, num_timesteps=1000, respacing=None):
+        base_abar = np.cumprod(1.0 - cosine_betas(num_timesteps))
+        kept = list(range(num_timesteps)) if respacing in (None, "") else space_timesteps(num_timesteps, respacing)
+        betas, last = [], 1.0
+        for t in kept:
+            betas.append(1.0 - base_abar[t] / last)
+            last = base_abar[t]
+        b = np.array(betas, dtype=np.float64)
+        abar = np.cumprod(1.0 - b)
+        abar_prev = np.append(1.0, abar[:-1])
+        post_var = b * (1.0 - abar_prev) / (1.0 - abar)  # variance of q(x_{t-1} | x_t, x0)
+        T = torch.from_numpy
+        self.num_timesteps = len(b)
+        self.timestep_map = torch.tensor(kept, dtype=torch.long)
+        self.betas, self.alphas_cumprod, self.alphas_cumprod_prev = T(b), T(abar), T(abar_prev)
+        self.posterior_variance = T(post_var)
+        # log of the posterior variance with entry 0 (which is 0) replaced by entry 1, as IDDPM does. With a single
+        # step there is no entry 1; log(beta) stands in (step 0 adds no noise, so it is never used for sampling).
+        clipped = np.append(post_var[1], post_var[1:]) if len(b) > 1 else b
+        self.posterior_log_variance_clipped = T(np.log(clipped))
+        self.posterior_mean_coef1 = T(b * np.sqrt(abar_prev) / (1.0 - abar))
+        self.posterior_mean_coef2 = T((1.0 - abar_prev) * np.sqrt(1.0 - b) / (1.0 - abar))
+
+    @staticmethod
+    def _at(arr, t, x):
+        """arr[t] as fp32, shaped (N, 1, ...) to broadcast against x (official `_extract_into_tensor`)."""
+        out = arr.to(t.device)[t].float()
+        return out.reshape(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (DDPM Eq. 4)."""
+        a = self._at(self.alphas_cumprod, t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean and log-variance of q(x_{t-1} | x_t, x0) (DDPM Eqs. 6-7)."""
+        mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, self._at(self.posterior_log_variance_clipped, t, x_t)
+
+    def predict_x0(self, x_t, t, eps):
+        """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), written as sqrt(1/abar) x_t - sqrt(1/abar - 1) eps."""
+        a = self.alphas_cumprod
+        return self._at(1.0 / a.sqrt(), t, x_t) * x_t - self._at((1.0 / a - 1).sqrt(), t, x_t) * eps
+
+    def p_mean_variance(self, model_out, x_t, t, clip_denoised=False):
+        """p(x_{t-1} | x_t) from the head's output (N, 2C) = [eps | v] (IDDPM Eq. 15, learned-range variance).
+
+        log var = frac * log(beta_t) + (1 - frac) * log(posterior var), frac = (v + 1) / 2.
+        Returns dict(mean, variance, log_variance, pred_xstart). `clip_denoised` clips x0 to [-1, 1]: right for
+        pixel-space data (the toy), wrong for MAR's unbounded latents (MAR passes False).
+        """
+        C = x_t.shape[-1]
+        eps, v = model_out[..., :C], model_out[..., C:]
+        min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
+        max_log = self._at(self.betas.log(), t, x_t)
+        frac = (v + 1) / 2
+        log_var = frac * max_log + (1 - frac) * min_log
+        x0 = self.predict_x0(x_t, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        mean, _ = self.q_posterior(x0, x_t, t)
+        return {"mean": mean, "variance": log_var.exp(), "log_variance": log_var, "pred_xstart": x0}
+
+    def p_sample(self, model_out, x_t, t, noise, temperature=1.0, clip_denoised=False):
+        """One reverse step: x_{t-1} = mean + [t > 0] * exp(log_var / 2) * noise * temperature.
+
+        The temperature scales only the per-step noise (MAR's sigma_t * tau * delta), not the initial x_T.
+        """
+        out = self.p_mean_variance(model_out, x_t, t, clip_denoised)
+        nonzero = (t != 0).float().reshape(-1, *([1] * (x_t.dim() - 1)))
+        return out["mean"] + nonzero * (0.5 * out["log_variance"]).exp() * noise * temperature
+
+    def training_losses(self, net, x0, t, c, noise):
+        """MAR's per-row loss: MSE(eps) + variational bound on the variance only (IDDPM Eq. 16, L_hybrid, lambda=1).
+
+        x0, noise (N, C); t (N,) indices of THIS process (the 1000-step one in training); c (N, Dz).
+        The vb term sees the eps prediction DETACHED, so it trains only the variance channels. It is the KL of
+        q(x_{t-1}|x_t,x0) to p(x_{t-1}|x_t) in bits for t > 0 and the discretised-Gaussian NLL of x0 for t = 0.
+        Returns dict(mse, vb, loss), each (N,).
+        """
+        x_t = self.q_sample(x0, t, noise)
+        out = net(x_t, self.timestep_map.to(t.device)[t], c)  # (N, 2C)
+        C = x0.shape[-1]
+        mse = ((noise - out[:, :C]) ** 2).mean(dim=-1)
+        frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=-1)
+        p = self.p_mean_variance(frozen, x_t, t)
+        true_mean, true_logvar = self.q_posterior(x0, x_t, t)
+        kl = normal_kl(true_mean, true_logvar, p["mean"], p["log_variance"]).mean(dim=-1) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"]).mean(dim=-1) / math.log(2.0)
+        vb = torch.where(t == 0, nll, kl)
+        return {"mse": mse, "vb": vb, "loss": mse + vb}
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + (logvar1 - logvar2).exp() + (mean1 - mean2) ** 2 * (-logvar2).exp())
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log-likelihood of data x in [-1, 1] quantised to 256 bins under N(means, e^(2 log_scales)) (DDPM sec. 3.3).
+
+    MAR applies this verbatim to its latents at t = 0 (the bin edges assume 8-bit data); we keep it for parity.
+    """
+    def cdf(v):  # tanh approximation of the standard normal CDF, as in the reference code
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+
+    centered, inv_std = x - means, (-log_scales).exp()
+    cdf_plus, cdf_min = cdf(inv_std * (centered + 1.0 / 255)), cdf(inv_std * (centered - 1.0 / 255))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_min = (1.0 - cdf_min).clamp(min=1e-12).log()
+    log_delta = (cdf_plus - cdf_min).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+class DiffLoss(nn.Module):
+    """MAR's diffusion head module: `net` plus the training (1000-step) and sampling (respaced) diffusions."""
+
+    def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps="100", grad_checkpointing=False):
+        super().__init__()
+        self.in_channels = target_channels
+        self.net = SimpleMLPAdaLN(target_channels, width, target_channels * 2, z_channels, depth, grad_checkpointing)
+        self.train_diffusion = GaussianDiffusion(1000)
+        self.num_sampling_steps = str(num_sampling_steps)
+        self._gen = {}  # respaced diffusions, built on first use, keyed by the step count
+
+    def gen_diffusion(self, num_steps=None):
+        key = str(num_steps or self.num_sampling_steps)
+        if key not in self._gen:
+            self._gen[key] = GaussianDiffusion(1000, key)
+        return self._gen[key]
+
+    def forward(self, target, z, mask=None, generator=None):
+        """Training loss: target tokens (N, C), conditions z (N, Dz), mask (N,) of rows that count. t ~ U{0..999}."""
+        g = {"generator": generator} if generator is not None else {}
+        t = torch.randint(0, 1000, (len(target),), device=target.device, **g)
+        noise = torch.randn(target.shape, device=target.device, **g)
+        loss = self.train_diffusion.training_losses(self.net, target, t, z, noise)["loss"]  # (N,)
+        if mask is not None:
+            return (loss * mask).sum() / mask.sum()
+        return loss.mean()
+
+    def guided_eps(self, x, t, c, c_null=None, cfg=1.0):
+        """Head output (N, 2C) with CFG on eps only: eps_u + cfg * (eps_c - eps_u); variance from the cond branch.
+
+        x (N, C), t (N,) ORIGINAL steps, c / c_null (N, Dz). Equivalent to `net.forward_with_cfg` on the doubled
+        batch but keeps one trajectory of N rows (the official second half is computed and thrown away).
+        """
+        if c_null is None or cfg == 1.0:
+            return self.net(x, t, c)
+        out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, c_null]))
+        cond, uncond = out.chunk(2)
+        C = self.in_channels
+        return torch.cat([uncond[:, :C] + cfg * (cond[:, :C] - uncond[:, :C]), cond[:, C:]], dim=-1)
+
+    def sample(self, c, x_T, step_noise, c_null=None, cfg=1.0, temperature=1.0, num_steps=None, clip_denoised=False):
+        """MAR teacher: reverse diffusion of N tokens from x_T (N, C) over the respaced steps, CFG on eps.
+
+        step_noise: (S, N, C) noise for the S reverse steps (drawn by the caller, so a generator decides it).
+        """
+        diff = self.gen_diffusion(num_steps)
+        x = x_T
+        for k in reversed(range(diff.num_timesteps)):
+            t = torch.full((len(x),), k, dtype=torch.long, device=x.device)
+            out = self.guided_eps(x, diff.timestep_map.to(x.device)[t], c, c_null, cfg)
+            x = diff.p_sample(out, x, t, step_noise[k], temperature, clip_denoised)
+        return x
+
+    def sample_one_step(self, c, z, c_null=None, cfg=1.0, clip_denoised=False):
+        """MARVAL one-step generator: read z ~ N(0, I) as x_400 and return the head's x0 prediction
+
+            x0 = (z - sqrt(1 - abar_400) * eps_hat(z, 400, c)) / sqrt(abar_400) = 1.24420 z - 0.74028 eps_hat.
+
+        (MARVAL arXiv:2511.15190 sec. 3: "the one-step generator predicts the noise from the fixed step 400".)
+        Differentiable in the head's weights and in z and c. cfg = 1 is the distilled student's default.
+        """
+        t = torch.full((len(z),), ONE_STEP_T, dtype=torch.long, device=z.device)
+        eps = self.guided_eps(z, t, c, c_null, cfg)[:, : self.in_channels]
+        x0 = self.train_diffusion.predict_x0(z, t, eps)
+        return x0.clamp(-1, 1) if clip_denoised else x0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masking helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def truncnorm_mask_ratio(mask_ratio_min, generator=None, device="cpu"):
+    """One masking ratio from N(1, 0.25^2) truncated to [mask_ratio_min, 1] (MAR training), by inverse CDF.
+
+    Same law as the official scipy.stats.truncnorm(a=(min-1)/0.25, b=0, loc=1, scale=0.25); drawn from a torch
+    generator so runs are reproducible without numpy's global state.
+    """
+    u = torch.rand((), generator=generator, device=device, dtype=torch.float64).item()
+    lo = 0.5 * (1 + math.erf((mask_ratio_min - 1) / 0.25 / math.sqrt(2)))  # Phi(a); Phi(b = 0) = 0.5
+    p = lo + u * (0.5 - lo)
+    return 1.0 + 0.25 * math.sqrt(2) * torch.erfinv(torch.tensor(2 * p - 1, dtype=torch.float64)).item()
+
+
+def mask_schedule(seq_len, num_iter):
+    """MAR's sampler schedule (MaskGIT cosine): for each AR step, (tokens predicted, tokens still masked after).
+
+    After step k, floor(L cos(pi/2 (k+1)/K)) stay masked, clamped so that every step predicts at least one token
+    (while any remain) and the last step predicts all the rest. The "still masked" count is the one the linear CFG
+    schedule uses, and it is 1 (not 0) at the last step: the official quirk `cfg_schedule` reproduces.
+    """
+    masked, out = seq_len, []
+    for step in range(num_iter):
+        mask_len = math.floor(seq_len * np.cos(math.pi / 2.0 * (step + 1) / num_iter))
+        mask_len = max(1, min(masked - 1, mask_len))
+        n_pred = masked if step == num_iter - 1 else masked - mask_len
+        out.append((n_pred, mask_len))
+        masked -= n_pred
+    return out
+
+
+def cfg_scale_at(cfg, seq_len, mask_len, schedule="linear"):
+    """CFG scale of one AR step. "linear" (Muse): 1 + (cfg - 1) (L - still_masked) / L, in fp32 like the original."""
+    if schedule == "linear":
+        return float(1 + (cfg - 1) * (seq_len - torch.tensor([float(mask_len)])) / seq_len)
+    if schedule == "constant":
+        return float(cfg)
+    raise NotImplementedError(f"cfg_schedule must be 'linear' or 'constant', got {schedule!r}")
+
+
+def _randn(shape, gens, device):
+    """Gaussian noise of shape (B, ...): from one generator, or one generator per image (row b from gens[b])."""
+    if isinstance(gens, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in gens]).to(device)
+    if gens is None:
+        return torch.randn(shape, device=device)
+    return torch.randn(shape, generator=gens, device=gens.device).to(device)
+
+
+def _randperm(bsz, n, gens, device):
+    """(B, n) random orders: one permutation per image."""
+    if isinstance(gens, (list, tuple)):
+        return torch.stack([torch.randperm(n, generator=g, device=g.device) for g in gens]).to(device)
+    kw = {"generator": gens, "device": gens.device} if gens is not None else {}
+    return torch.stack([torch.randperm(n, **kw) for _ in range(bsz)]).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MAR
+# ----------------------------------------------------------------------------------------------------------------
+
+class MAR(nn.Module):
+    """Masked autoregressive model with a per-token diffusion head. Constructor keywords are the official ones."""
+
+    def __init__(self, img_size=256, vae_stride=16, patch_size=1, encoder_embed_dim=1024, encoder_depth=16,
+                 encoder_num_heads=16, decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16, mlp_ratio=4.0,
+                 vae_embed_dim=16, mask_ratio_min=0.7, label_drop_prob=0.1, class_num=1000, attn_dropout=0.1,
+                 proj_dropout=0.1, buffer_size=64, diffloss_d=3, diffloss_w=1024, num_sampling_steps="100",
+                 diffusion_batch_mul=4, grad_checkpointing=False):
+        super().__init__()
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.vae_embed_dim, self.patch_size = vae_embed_dim, patch_size
+        self.seq_h = self.seq_w = img_size // vae_stride // patch_size
+        self.seq_len = self.seq_h * self.seq_w
+        self.token_embed_dim = vae_embed_dim * patch_size ** 2
+        self.buffer_size, self.mask_ratio_min = buffer_size, mask_ratio_min
+        self.label_drop_prob, self.class_num = label_drop_prob, class_num
+        self.diffusion_batch_mul, self.grad_checkpointing = diffusion_batch_mul, grad_checkpointing
+        De, Dd, L = encoder_embed_dim, decoder_embed_dim, self.seq_len
+
+        # Registration order = official state_dict order.
+        self.class_emb = nn.Embedding(class_num, De)
+        self.fake_latent = nn.Parameter(torch.zeros(1, De))  # the "null class": label dropout and CFG's uncond branch
+        self.z_proj = nn.Linear(self.token_embed_dim, De)
+        self.z_proj_ln = nn.LayerNorm(De, eps=1e-6)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L + buffer_size, De))
+        self.encoder_blocks = nn.ModuleList([Block(De, encoder_num_heads, mlp_ratio, proj_dropout, attn_dropout)
+                                             for _ in range(encoder_depth)])
+        self.encoder_norm = nn.LayerNorm(De, eps=1e-6)
+        self.decoder_embed = nn.Linear(De, Dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L + buffer_size, Dd))
+        self.decoder_blocks = nn.ModuleList([Block(Dd, decoder_num_heads, mlp_ratio, proj_dropout, attn_dropout)
+                                             for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, Dd))
+        self._init_weights()  # before the head is built, as in the official code (the head inits itself)
+        self.diffloss = DiffLoss(self.token_embed_dim, Dd, diffloss_d, diffloss_w, num_sampling_steps,
+                                 grad_checkpointing)
+
+    def _init_weights(self):
+        for p in [self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
+                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned]:
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # -- tokens <-> latent images ------------------------------------------------------------------------------
+    def patchify(self, x):
+        """(B, C, H, W) -> (B, h*w, C*p*p), tokens row-major, each token laid out (c, p, p)."""
+        B, C, H, W = x.shape
+        p = self.patch_size
+        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+        return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+    def unpatchify(self, x):
+        """(B, h*w, C*p*p) -> (B, C, h*p, w*p), the exact inverse of `patchify`."""
+        B, p, C = x.shape[0], self.patch_size, self.vae_embed_dim
+        x = x.reshape(B, self.seq_h, self.seq_w, C, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
+        return x.reshape(B, C, self.seq_h * p, self.seq_w * p)
+
+    # -- masks ------------------------------------------------------------------------------------------------------
+    def sample_orders(self, bsz, generator=None, device=None):
+        """(B, L) random generation orders, one permutation per image."""
+        return _randperm(bsz, self.seq_len, generator, device or self.fake_latent.device)
+
+    def random_masking(self, orders, mask_ratio=None, generator=None):
+        """(B, L) float mask, 1 = masked (to predict): the first ceil(L * ratio) positions of each order.
+
+        One ratio per batch (every row has the same count, which the sparse encoder's reshape needs), drawn from
+        MAR's truncated Gaussian unless given.
+        """
+        if mask_ratio is None:
+            mask_ratio = truncnorm_mask_ratio(self.mask_ratio_min, generator)
+        n_masked = int(np.ceil(self.seq_len * mask_ratio))
+        mask = torch.zeros(orders.shape, device=orders.device)
+        return mask.scatter(1, orders[:, :n_masked], 1.0)
+
+    # -- transformer ------------------------------------------------------------------------------------------------
+    def _run(self, blocks, x):
+        for blk in blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() else blk(x)
+        return x
+
+    def forward_mae_encoder(self, x, mask, class_embedding, generator=None):
+        """x (B, L, C) tokens, mask (B, L) 1 = masked, class_embedding (B, De) -> (B, buffer + n_visible, De).
+
+        All `buffer_size` leading slots hold the class embedding (or fake_latent under label dropout in training);
+        masked tokens are dropped before the encoder (MAE-style), so every row must have the same mask count.
+        """
+        B, L, _ = x.shape
+        x = self.z_proj(x)  # (B, L, De)
+        buf = class_embedding[:, None].expand(B, self.buffer_size, -1)
+        if self.training and self.label_drop_prob > 0:
+            drop = (torch.rand(B, generator=generator, device=generator.device if generator is not None else "cpu")
+                    < self.label_drop_prob).to(x.device, x.dtype)[:, None, None]  # (B, 1, 1)
+            buf = drop * self.fake_latent[None] + (1 - drop) * buf
+        x = torch.cat([buf.to(x.dtype), x], dim=1)  # (B, buffer + L, De)
+        x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
+        keep = torch.cat([torch.zeros(B, self.buffer_size, device=x.device), mask], dim=1) == 0  # (B, buffer + L)
+        x = x[keep].reshape(B, -1, x.shape[-1])  # (B, buffer + n_visible, De), positions in ascending order
+        return self.encoder_norm(self._run(self.encoder_blocks, x))
+
+    def forward_mae_decoder(self, x, mask):
+        """Encoder output (B, buffer + n_visible, De) -> per-token conditions z (B, L, Dd) for the head."""
+        x = self.decoder_embed(x)  # (B, buffer + n_visible, Dd)
+        B, _, Dd = x.shape
+        keep = torch.cat([torch.zeros(B, self.buffer_size, device=x.device), mask], dim=1) == 0  # (B, buffer + L)
+        # Scatter the visible rows back into a full sequence of mask tokens; masked_scatter fills row-major, the
+        # same order boolean indexing gathered them in.
+        full = self.mask_token.to(x.dtype).expand(B, keep.shape[1], Dd)
+        full = full.masked_scatter(keep[..., None], x)  # (B, buffer + L, Dd)
+        x = self.decoder_norm(self._run(self.decoder_blocks, full + self.decoder_pos_embed_learned))
+        return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned  # (B, L, Dd)
+
+    def conditions(self, tokens, mask, class_embedding, generator=None):
+        """Encoder + decoder: per-token head conditions z (B, L, Dd)."""
+        return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, class_embedding, generator), mask)
+
+    # -- training ---------------------------------------------------------------------------------------------------
+    def forward(self, imgs, labels, generator=None):
+        """MAR training loss. imgs: latents (B, C, H, W) already multiplied by 0.2325; labels (B,)."""
+        gt = self.patchify(imgs)  # (B, L, C)
+        orders = self.sample_orders(len(gt), generator, gt.device)
+        mask = self.random_masking(orders, generator=generator)
+        z = self.conditions(gt, mask, self.class_emb(labels), generator)  # (B, L, Dd)
+        # diffusion_batch_mul copies of every token (tiled, not interleaved), each with its own t and noise.
+        m = self.diffusion_batch_mul
+        target = gt.reshape(-1, gt.shape[-1]).repeat(m, 1)  # (m B L, C)
+        z = z.reshape(-1, z.shape[-1]).repeat(m, 1)         # (m B L, Dd)
+        return self.diffloss(target, z, mask.reshape(-1).repeat(m), generator)
+
+    # -- sampling ---------------------------------------------------------------------------------------------------
+    def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
+                      num_diffusion_steps=None, one_step=False, clip_denoised=False, generator=None, progress=False,
+                      checkpoint_steps=False, grad_steps=None):
+        """MAR's outer masked-AR loop; returns latents (B, C, H, W) in the 0.2325-scaled space.
+
+        Teacher (one_step=False): each AR step runs the head's reverse diffusion (`num_diffusion_steps`, default the
+        model's "100") for the newly revealed tokens, CFG on eps only. MARVAL (one_step=True): one head call per
+        token from t* = 400, z scaled by `temperature`; use cfg = 1 for a distilled student.
+
+        generator: a torch.Generator, or a list of B generators (one per image: an image then depends only on its
+        own generator, not on its batch). Gradients flow when enabled (RL): `checkpoint_steps` wraps every AR step in
+        torch.utils.checkpoint (noise is drawn outside, so recomputation is exact); `grad_steps=k` keeps the graph
+        only for the last k AR steps (DRaFT-k truncation).
+        """
+        device = self.fake_latent.device
+        L, C = self.seq_len, self.token_embed_dim
+        if labels is not None and len(labels) != bsz:
+            raise ValueError(f"labels has {len(labels)} entries for a batch of {bsz}")
+        orders = self.sample_orders(bsz, generator, device)
+        tokens = torch.zeros(bsz, L, C, device=device)
+        mask = torch.ones(bsz, L, device=device)
+        n_masked = L  # the same count in every row: the schedule is deterministic
+        schedule = mask_schedule(L, num_iter)
+        steps = range(num_iter)
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc="AR steps")
+        for step in steps:
+            n_pred, mask_len = schedule[step]
+            # tokens leaving the mask set this step: the still-masked set is always a PREFIX of `orders`
+            still = torch.zeros(bsz, L, dtype=torch.bool, device=device)
+            still.scatter_(1, orders[:, : n_masked - n_pred], True)
+            to_pred = (mask > 0) & ~still  # (B, L)
+            cfg_k = cfg_scale_at(cfg, L, mask_len, cfg_schedule) if cfg != 1.0 else 1.0
+            # Noise for this step, drawn here so a generator decides it and checkpoint recomputation is exact.
+            n_noise = n_pred * C
+            if one_step:
+                noise = _randn((bsz, n_noise), generator, device).reshape(bsz * n_pred, C) * temperature
+            else:
+                S = self.diffloss.gen_diffusion(num_diffusion_steps).num_timesteps
+                noise = _randn((bsz, (S + 1) * n_noise), generator, device).reshape(bsz, S + 1, n_pred, C)
+                noise = noise.permute(1, 0, 2, 3).reshape(S + 1, bsz * n_pred, C)  # [0] = x_T, [1:] per reverse step
+            args = (tokens, mask, to_pred, labels, noise, cfg_k, temperature, num_diffusion_steps, one_step, clip_denoised)
+            track = grad_steps is None or step >= num_iter - grad_steps
+            with torch.set_grad_enabled(torch.is_grad_enabled() and track):
+                if checkpoint_steps and torch.is_grad_enabled():
+                    tokens = checkpoint(self._ar_step, *args, use_reentrant=False)
+                else:
+                    tokens = self._ar_step(*args)
+            mask = ((mask > 0) & ~to_pred).float()
+            n_masked -= n_pred
+        return self.unpatchify(tokens)
+
+    def _ar_step(self, tokens, mask, to_pred, labels, noise, cfg, temperature, num_steps, one_step, clip):
+        """One AR iteration: conditions for all positions, then the head for the tokens in `to_pred` (B, L)."""
+        B = len(tokens)
+        cls = self.class_emb(labels) if labels is not None else self.fake_latent.expand(B, -1)
+        if cfg != 1.0:  # CFG: second half of the batch is unconditional (fake_latent), same tokens and mask
+            z = self.conditions(torch.cat([tokens, tokens]), torch.cat([mask, mask]),
+                                torch.cat([cls, self.fake_latent.expand(B, -1)]))
+            z, z_null = z[:B][to_pred], z[B:][to_pred]  # (B k, Dd) each, batch-major then ascending position
+        else:
+            z, z_null = self.conditions(tokens, mask, cls)[to_pred], None
+        if len(z) == 0:  # num_iter > L can leave a step with nothing to predict
+            return tokens
+        if one_step:
+            x0 = self.diffloss.sample_one_step(z, noise, z_null, cfg, clip)
+        else:
+            x0 = self.diffloss.sample(z, noise[0], noise[1:], z_null, cfg, temperature, num_steps, clip)
+        # Differentiable write of the new tokens (no in-place op on a tensor that may need grad).
+        new = torch.zeros_like(tokens).masked_scatter(to_pred[..., None].expand_as(tokens), x0.to(tokens.dtype))
+        return torch.where(to_pred[..., None], new, tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets: the released models (with their released heads) and small ones for tests and the toy
+# ----------------------------------------------------------------------------------------------------------------
+
+def mar_tiny(**kw):
+    """Tests and smoke runs: 2+2 blocks of width 64, head 2 x 96."""
+    cfg = dict(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4, decoder_embed_dim=64, decoder_depth=2,
+               decoder_num_heads=4, diffloss_d=2, diffloss_w=96)
+    return MAR(**{**cfg, **kw})
+
+
+def mar_base(**kw):
+    """MAR-B: 12+12 blocks of 768, 12 heads; released head 6 x 1024. 207,924,768 parameters."""
+    cfg = dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, decoder_embed_dim=768,
+               decoder_depth=12, decoder_num_heads=12, diffloss_d=6, diffloss_w=1024)
+    return MAR(**{**cfg, **kw})
+
+
+def mar_large(**kw):
+    """MAR-L: 16+16 blocks of 1024, 16 heads; released head 8 x 1280. 478,326,304 parameters."""
+    cfg = dict(encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16, decoder_embed_dim=1024,
+               decoder_depth=16, decoder_num_heads=16, diffloss_d=8, diffloss_w=1280)
+    return MAR(**{**cfg, **kw})
+
+
+def mar_huge(**kw):
+    """MAR-H: 20+20 blocks of 1280, 16 heads; released head 12 x 1536. 942,403,104 parameters."""
+    cfg = dict(encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16, decoder_embed_dim=1280,
+               decoder_depth=20, decoder_num_heads=16, diffloss_d=12, diffloss_w=1536)
+    return MAR(**{**cfg, **kw})
+
+
+PRESETS = {"mar_tiny": mar_tiny, "mar_base": mar_base, "mar_large": mar_large, "mar_huge": mar_huge}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading, saving, EMA, distributed setup (shared by every stage)
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_checkpoint(path):
+    """torch.load(weights_only=True) with errors that say what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist; weights are never downloaded, give a local path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, pickled objects outside the allow-list
+        raise RuntimeError(f"could not read checkpoint {path!r} ({type(e).__name__}: {str(e)[:200]}); "
+                           "is the file complete and a torch checkpoint?") from e
+
+
+def load_state_dict_strict(module, sd, what="checkpoint"):
+    """load_state_dict(strict=True), but the error names the first missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        raise ValueError(f"{what} does not fit the model ({len(missing)} missing, {len(unexpected)} unexpected, "
+                         f"{len(shape)} mis-shaped keys). First missing: {missing[:3]}; first unexpected: "
+                         f"{unexpected[:3]}; first mis-shaped: {shape[:3]}. Check --model / preset.")
+    module.load_state_dict(sd, strict=True)
+
+
+def load_mar(path, model, use_ema=True, verbose=True):
+    """Load an official MAR `checkpoint-last.pth` ({"model", "model_ema"}) or one of ours into `model`, strictly.
+
+    EMA weights by default (what the official demo and evaluation use); falls back to "model" if there is no EMA.
+    Returns the model.
+    """
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or not ({"model", "model_ema"} & set(ckpt)):
+        raise ValueError(f"{path!r} is not a MAR checkpoint: expected a dict with 'model' and/or 'model_ema'")
+    key = "model_ema" if use_ema and "model_ema" in ckpt else "model"
+    load_state_dict_strict(model, ckpt[key], f"{path!r} [{key}]")
+    if verbose:
+        print0(f"loaded {key} weights from {path}")
+    return model
+
+
+def save_checkpoint(path, obj):
+    """Atomic save: write a temporary file in the same folder, then rename over `path` (a crash never leaves a
+    half-written checkpoint, and a failed save never destroys the previous good one)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by `save_checkpoint` (weights_only: our files hold tensors and plain types)."""
+    return read_checkpoint(path)
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    """ema = decay * ema + (1 - decay) * param, parameter by parameter (MAR keeps no buffers)."""
+    for e, p in zip(ema_model.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+
+
+def setup_distributed(device=None):
+    """torchrun -> init the process group (nccl on GPU, gloo on CPU); otherwise one process.
+
+    Returns (rank, world_size, device). Every collective in the scripts sits behind `dist.is_initialized()`.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        if device.type == "cuda":
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return rank, world, device
+    return 0, 1, device
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kw):
+    """print on rank 0 only (without replacing the builtin)."""
+    if is_main():
+        print(*args, **kw, flush=True)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)

@@ -1,0 +1,38 @@
+"""Shared test fixtures: where ../shared lives, and small random models."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MARVAL_SHARED", ROOT.parent / "shared"))
+REFERENCE_PT = SHARED / "testdata" / "mar_reference_small.pt"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def shared_file(*parts):
+    """Path to a file under ../shared, or skip the test with the reason."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists() and os.environ.get("MARVAL_REQUIRE_SHARED") == "1":
+        pytest.fail(f"{path} not found and MARVAL_REQUIRE_SHARED=1 (CI): parity checks must not be skipped")
+    if not path.exists():
+        pytest.skip(f"{path} not found: the parity data lives in ../shared beside the repository "
+                    "(set MARVAL_SHARED to point elsewhere)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The official-code parity vectors (random weights), loaded once."""
+    return torch.load(shared_file("testdata", "mar_reference_small.pt"), weights_only=True)
+
+
+def randomize_(model, std=0.05, seed=0):
+    """Add noise to every parameter, so zero-initialised layers (adaLN, the final layer) carry signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model

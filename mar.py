@@ -801,6 +801,49 @@ def setup_distributed(device=None):
     return 0, 1, device
 
 
+@torch.no_grad()
+def all_reduce_grads(params, bucket=2 ** 25):
+    """Average .grad over ranks (what DDP does in backward), in flat buckets of ~`bucket` elements.
+
+    Used where the trained module is not called through one forward (GSIM's heads, RL's sampler), so a DDP
+    wrapper's hooks would not fire. A no-op in a single process.
+    """
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    world = dist.get_world_size()
+    while grads:
+        n, chunk = 0, []
+        while grads and (n == 0 or n + grads[0].numel() <= bucket):
+            n += grads[0].numel()
+            chunk.append(grads.pop(0))
+        flat = torch.cat([g.reshape(-1) for g in chunk])
+        dist.all_reduce(flat)
+        flat /= world
+        for g, v in zip(chunk, flat.split([g.numel() for g in chunk])):
+            g.copy_(v.view_as(g))
+
+
+@torch.no_grad()
+def assert_ranks_agree(model):
+    """DDP sanity check: every rank holds exactly rank 0's weights (per-tensor sum and sum of squares, float64).
+
+    Raises on any difference; a no-op in a single process. The training scripts call it at the end of a run.
+    """
+    if not dist.is_initialized():
+        return
+    params = list(model.parameters())
+    mine = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params])  # (P, 2)
+    mine = mine.to(params[0].device)
+    ref = mine.clone()
+    dist.broadcast(ref, src=0)
+    bad = (mine != ref).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        names = [n for i, (n, _) in enumerate(model.named_parameters()) if i in bad]
+        raise RuntimeError(f"rank {dist.get_rank()} weights differ from rank 0 in {len(bad)} tensors, e.g. {names[:3]}")
+    print0(f"ranks agree: all {dist.get_world_size()} processes hold identical weights ({len(params)} tensors)")
+
+
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -814,6 +857,12 @@ def print0(*args, **kw):
     """print on rank 0 only (without replacing the builtin)."""
     if is_main():
         print(*args, **kw, flush=True)
+
+
+def step_seed(seed, rank, step):
+    """One seed per (run seed, rank, step). The scripts re-seed their generators every step from it, so a run
+    resumed at step n draws exactly what the uninterrupted run drew, with no RNG state to save."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63)
 
 
 def seed_everything(seed):

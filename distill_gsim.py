@@ -1,0 +1,366 @@
+"""Stage 1 of MARVAL (Gu et al. 2025, arXiv:2511.15190): Guided Score Implicit Matching (GSIM).
+
+MAR's diffusion head turns each token's condition c (from the masked transformer) into a token by ~100 reverse
+diffusion steps. GSIM distills those 100 steps into ONE: the student head g_theta reads z ~ N(0, I) as x_400 and
+returns its x0 prediction (`mar.DiffLoss.sample_one_step`), and it is trained so that its per-token distribution
+matches the CFG-guided teacher's, while MAR's outer AR loop is kept unchanged.
+
+Three networks (all copies of the teacher's head at the start):
+  * teacher p: the frozen MAR (EMA weights); its guided eps eps_p = eps(c_null) + cfg (eps(c) - eps(c_null)),
+  * student theta: the one-step generator (MAR checkpoint format: teacher transformer + student head),
+  * auxiliary phi: a diffusion model of the STUDENT's own tokens, trained by denoising score matching; it stands in
+    for the student's intractable score s_q (SIM, Luo et al. 2024, arXiv:2410.16794).
+
+One iteration on a batch of real latents (only used to build realistic contexts: the losses are data-free):
+  1. random order and mask; the frozen transformer gives c (class) and c_null (fake_latent) for the masked tokens,
+  2. student: x0 = g_theta(z, c) for every masked token (diffusion_batch_mul draws each),
+  3. x_t = alpha_t x0 + sigma_t eps with t ~ U{t_min..t_max},
+  4. generator loss `gsim_generator_loss` (DESIGN 5.1) with gradients through x_t into the frozen teacher and aux,
+  5. `aux_steps` DSM updates of phi on the detached student tokens, 6. EMA of theta.
+
+Reads --teacher (MAR checkpoint) and the data (as train_mar.py). Writes to --out-dir checkpoint-last.pth
+({model, model_ema}: the student as a MAR that sample.py / rl_refine.py load like any MAR; plus aux, optimizers,
+step, args), log.jsonl, and for the toy eval.json (teacher vs student toy FID / accuracy / speed) and grids.
+
+    # toy, CPU, a few minutes (after train_mar.py --preset toy)
+    python distill_gsim.py --preset toy --teacher runs/toy_teacher/checkpoint-last.pth --out-dir runs/toy_student
+    # ImageNet, 1 GPU / 8 GPUs (paper: MAR-B, 64 per GPU on 8 GPUs, 30 epochs)
+    python distill_gsim.py --teacher mar_base/checkpoint-last.pth --vae kl16.ckpt --data-path IMAGENET/train \
+        --model mar_base --out-dir runs/marval_base
+    torchrun --nproc_per_node=8 distill_gsim.py --teacher mar_base/checkpoint-last.pth --vae kl16.ckpt \
+        --data-path IMAGENET/train --model mar_base --out-dir runs/marval_base
+    # CPU smoke run
+    python distill_gsim.py --preset toy --teacher runs/toy_teacher/checkpoint-last.pth --max-steps 5 --eval-images 0 \
+        --out-dir runs/smoke_gsim
+
+Deliberate choices where the paper is silent or ambiguous (each is a flag):
+  1. CFG convention: MARVAL Eq. 10 writes the guided score (1+w) s(c) - w s(null), which is MAR's cfg = 1 + w = 2.2
+     for w = 1.2; its ablation calls w = 1 "no CFG" and its IS at w = 1 matches MAR-B without CFG, which reads as
+     MAR's own convention cfg = w. --teacher-cfg is MAR's cfg and defaults to 1.2 (the ablation reading).
+  2. Time weight w(t) = sigma_t (the eps-space form of DESIGN 5.1) and t ~ U{20..980}: t near 0 has Delta ~ 0 (a
+     noise direction), t near 999 has alpha ~ 5e-5 (no signal). Not stated in the paper.
+  3. Two aux steps per generator step (a 1:1 ratio at high lr lost modes in a 2-D toy, gsim_spec.md section 6).
+  4. Head-only distillation by default (transformer frozen, c shared by all three heads); --train-transformer
+     also trains a student copy of the transformer.
+  5. Masking ratios: MAR's truncated Gaussian mixed with uniform ratios (--uniform-mask-prob) so the student also
+     sees the mostly-visible contexts of late AR steps.
+  6. Adam betas (0, 0.999) as in the SiD/SIM lineage; the paper says AdamW lr 5e-6 without betas.
+"""
+import argparse
+import copy
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import mar
+
+# ----------------------------------------------------------------------------------------------------------------
+# The GSIM losses (copyable: torch only)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gsim_generator_loss(eps_teacher, eps_aux, noise, sigma, r=1e-5, path_weight=1.0):
+    """MARVAL's GSIM generator loss in eps form (DESIGN 5.1), averaged over tokens.
+
+    eps_teacher: guided teacher eps at x_t (N, D); eps_aux: auxiliary eps at x_t (N, D); both must still carry the
+    graph back to x_t (network PARAMETERS frozen, INPUTS not detached). noise: the eps that made x_t (N, D).
+    sigma: sqrt(1 - alpha_bar_t), broadcastable to (N, 1). r: pseudo-Huber constant in SCORE units (MARVAL
+    Table 1: 1e-5), hence sigma * r in eps units.
+
+    With Delta = eps_p - eps_phi (the score difference y = s_phi - s_p = Delta / sigma) the per-token loss is
+        sigma L = <Delta, eps_phi - eps> / sqrt(|Delta|^2 + sigma^2 r^2)        score-projection term (MARVAL A.10)
+                + path_weight * (sqrt(|Delta|^2 + sigma^2 r^2) - sigma r)       path term d(y)        (MARVAL A.11)
+    i.e. sigma * [ d(y) - d'(y)^T (s_phi - grad log p(x_t | x0)) ] with pseudo-Huber d(y) = sqrt(|y|^2 + r^2) - r.
+    Its gradient equals the gradient of the divergence E d(s_q - s_p) (SIM's theorem, Luo et al. 2024); d'(y) is
+    NOT detached (detaching it, or dropping the path term, gives a wrong gradient: tests/test_gsim.py checks the
+    1-D case against finite differences). path_weight = 0 is the SIM paper's loss. Norms in fp32: |Delta|^2 of a
+    well-trained student underflows in bf16.
+    """
+    dt = torch.promote_types(eps_teacher.dtype, torch.float32)           # at least fp32 (bf16 in -> fp32)
+    delta = (eps_teacher - eps_aux).to(dt)                                # (N, D)
+    sr = (torch.as_tensor(sigma, dtype=dt, device=delta.device).reshape(-1) * r).expand(len(delta))  # (N,)
+    den = (delta.square().sum(-1) + sr.square()).sqrt()                    # (N,)
+    projection = (delta * (eps_aux.to(dt) - noise.to(dt))).sum(-1) / den
+    return (projection + path_weight * (den - sr)).mean()
+
+
+def aux_dsm_loss(aux_net, x0, c, diffusion, generator=None):
+    """Denoising score matching of the auxiliary head on (detached) student tokens x0 (N, D), t ~ U{0..999}:
+    E |eps_phi(x_t, t, c) - eps|^2, mean over the D values and the tokens (MAR's MSE term)."""
+    t = torch.randint(0, diffusion.num_timesteps, (len(x0),), device=x0.device, generator=generator)
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+    out = aux_net(diffusion.q_sample(x0, t, eps), t, c)
+    return F.mse_loss(out[:, : x0.shape[1]].float(), eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+TOY_DEFAULTS = dict(global_batch_size=64, lr_g=1e-4, lr_aux=1e-4, ema_rate=0.99, grad_clip=1.0, epochs=100,
+                    log_every=25, save_every=250, eval_every=250)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("setup")
+    g.add_argument("--preset", choices=["toy"], default=None, help="the bundled toy digits (CPU-sized defaults)")
+    g.add_argument("--model", choices=list(mar.PRESETS), default="mar_base", help="architecture of --teacher")
+    g.add_argument("--teacher", required=True, help="MAR checkpoint (official or train_mar.py's); EMA weights used")
+    g.add_argument("--out-dir", required=True)
+    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint-last.pth if present")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many generator steps in all")
+    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--device", default=None)
+    g = p.add_argument_group("data (as train_mar.py)")
+    g.add_argument("--data-path", default=None)
+    g.add_argument("--cached-path", default=None)
+    g.add_argument("--vae", default=None)
+    g.add_argument("--img-size", type=int, default=256)
+    g.add_argument("--global-batch-size", type=int, default=512, help="paper: 64 per GPU x 8 GPUs")
+    g.add_argument("--num-workers", type=int, default=8)
+    g = p.add_argument_group("GSIM (paper defaults, MARVAL Table 1)")
+    g.add_argument("--teacher-cfg", type=float, default=1.2, help="MAR-convention CFG of the teacher (see note 1)")
+    g.add_argument("--r", type=float, default=1e-5, help="pseudo-Huber constant, score units")
+    g.add_argument("--path-weight", type=float, default=1.0, help="1: GSIM (exact gradient); 0: SIM's loss")
+    g.add_argument("--t-min", type=int, default=20, help="generator loss t range (of 1000)")
+    g.add_argument("--t-max", type=int, default=980)
+    g.add_argument("--aux-steps", type=int, default=2, help="aux DSM updates per generator update")
+    g.add_argument("--uniform-mask-prob", type=float, default=0.5, help="share of batches with a U(0,1] mask ratio")
+    g.add_argument("--train-transformer", action="store_true", help="also train a student copy of the transformer")
+    g.add_argument("--grad-checkpointing", action="store_true")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--lr-g", type=float, default=5e-6, help="student lr")
+    g.add_argument("--lr-aux", type=float, default=5e-6, help="auxiliary lr")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.0, 0.999), help="AdamW betas of both (note 6)")
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--ema-rate", type=float, default=0.9999)
+    g.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    g = p.add_argument_group("logging and evaluation (toy)")
+    g.add_argument("--log-every", type=int, default=100)
+    g.add_argument("--save-every", type=int, default=2000)
+    g.add_argument("--eval-every", type=int, default=0, help="toy: score the student every N steps (0: at the end)")
+    g.add_argument("--eval-images", type=int, default=400)
+    g.add_argument("--eval-num-iter", type=int, default=4)
+    g.add_argument("--classifier", default="runs/toy_classifier.pt")
+    args = p.parse_args(argv)
+    if args.preset == "toy":
+        p.set_defaults(**TOY_DEFAULTS)
+        args = p.parse_args(argv)
+    elif not (args.data_path or args.cached_path):
+        p.error("give --preset toy, or --data-path (with --vae) or --cached-path")
+    if not 0 <= args.t_min < args.t_max <= 999:
+        p.error("need 0 <= --t-min < --t-max <= 999")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One GSIM iteration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gsim_step(teacher, student, aux, latents, labels, opt_g, opt_a, args, gen, trainable, precision="fp32"):
+    """One generator update and `args.aux_steps` auxiliary updates on a batch of latents (B, C, H, W)."""
+    device, C = latents.device, teacher.token_embed_dim
+    diff = teacher.diffloss.train_diffusion
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    # 1. contexts: random order, one mask ratio for the batch, conditions from the frozen teacher transformer
+    gt = teacher.patchify(latents)                                                    # (B, L, C)
+    orders = teacher.sample_orders(len(gt), gen, device)
+    uniform = torch.rand((), generator=gen, device=device).item() < args.uniform_mask_prob
+    ratio = 1.0 - torch.rand((), generator=gen, device=device).item() if uniform else None  # U(0, 1]
+    mask = teacher.random_masking(orders, ratio, gen)                                 # (B, L), 1 = to generate
+    sel = mask.bool()
+    with torch.no_grad(), autocast:
+        c = teacher.conditions(gt, mask, teacher.class_emb(labels))[sel].float()      # (N, Dz), N masked tokens
+        c_null = teacher.conditions(gt, mask, teacher.fake_latent.expand(len(gt), -1))[sel].float()
+    if args.train_transformer:  # the student's own conditions (with grad); teacher and aux keep the teacher's c
+        with autocast:
+            c_student = student.conditions(gt, mask, student.class_emb(labels))[sel].float()
+    else:
+        c_student = c
+    m = teacher.diffusion_batch_mul  # several (z, t, eps) draws per token, as MAR's training does
+    c, c_null, c_student = c.repeat(m, 1), c_null.repeat(m, 1), c_student.repeat(m, 1)   # (mN, Dz)
+    # 2.-3. one-step student tokens, re-noised at t ~ U{t_min..t_max}
+    z = torch.randn(len(c), C, device=device, generator=gen)
+    with autocast:
+        x0 = student.diffloss.sample_one_step(c_student, z).float()                   # (mN, C), graph to theta
+    t = torch.randint(args.t_min, args.t_max + 1, (len(x0),), device=device, generator=gen)
+    eps = torch.randn(x0.shape, device=device, generator=gen)
+    x_t = diff.q_sample(x0, t, eps)
+    sigma = (1 - diff.alphas_cumprod.to(device)[t]).sqrt().float()                    # (mN,)
+    # 4. generator loss: teacher and aux parameters frozen, their inputs NOT detached (gradients flow via x_t)
+    aux.requires_grad_(False)
+    with autocast:
+        eps_p = teacher.diffloss.guided_eps(x_t, t, c, c_null, args.teacher_cfg)[:, :C]
+        eps_phi = aux(x_t, t, c)[:, :C]
+    loss_g = gsim_generator_loss(eps_p, eps_phi, eps, sigma, args.r, args.path_weight)
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    mar.all_reduce_grads(trainable)
+    gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+    opt_g.step()
+    aux.requires_grad_(True)
+    # 5. auxiliary: DSM on the detached student tokens, fresh t and eps each step
+    x0_d = x0.detach()
+    for _ in range(args.aux_steps):
+        with autocast:
+            loss_a = aux_dsm_loss(aux, x0_d, c, diff, gen)
+        opt_a.zero_grad(set_to_none=True)
+        loss_a.backward()
+        mar.all_reduce_grads(list(aux.parameters()))
+        torch.nn.utils.clip_grad_norm_(aux.parameters(), args.grad_clip)
+        opt_a.step()
+    with torch.no_grad():
+        y = (eps_p - eps_phi).float().norm(dim=-1) / sigma                             # |y| in score units
+    return {"loss_g": loss_g.item(), "loss_aux": loss_a.item(), "y_mean": y.mean().item(),
+            "y_max": y.max().item(), "grad_norm_g": float(gnorm), "mask_ratio": mask.mean().item()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = mar.setup_distributed(args.device)
+    if args.global_batch_size % world:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
+    bsz = args.global_batch_size // world
+    os.makedirs(args.out_dir, exist_ok=True)
+    mar.print0(f"out dir: {os.path.abspath(args.out_dir)}; {world} process(es) on {device}, batch {bsz} each")
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    dataset, to_latents = data.training_source(args, device)
+    steps_per_epoch = len(dataset) // args.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} training items are fewer than one global batch ({args.global_batch_size})")
+    total_steps = args.epochs * steps_per_epoch
+
+    # -- models: frozen teacher, student (a full MAR: teacher transformer + student head), auxiliary head ----------
+    build = (lambda: mar.MAR(**data.TOY_MODEL)) if args.preset == "toy" else mar.PRESETS[args.model]
+    teacher = mar.load_mar(args.teacher, build(), use_ema=True).to(device).eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(False)
+    trained = student if args.train_transformer else student.diffloss.net
+    trained.requires_grad_(True)
+    student.grad_checkpointing = student.diffloss.net.grad_checkpointing = args.grad_checkpointing
+    aux = copy.deepcopy(teacher.diffloss.net).requires_grad_(True)
+    aux.grad_checkpointing = args.grad_checkpointing
+    student_ema = copy.deepcopy(student).requires_grad_(False)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    opt_g = torch.optim.AdamW(trainable, lr=args.lr_g, betas=tuple(args.betas), weight_decay=0.0)
+    opt_a = torch.optim.AdamW(aux.parameters(), lr=args.lr_aux, betas=tuple(args.betas), weight_decay=0.0)
+    mar.print0(f"student: {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters "
+               f"({'transformer + head' if args.train_transformer else 'head only'}); teacher cfg {args.teacher_cfg}")
+    step = 0
+    ckpt_path = os.path.join(args.out_dir, "checkpoint-last.pth")
+    if args.resume and os.path.exists(ckpt_path):
+        ck = mar.load_checkpoint(ckpt_path)
+        mar.load_state_dict_strict(student, ck["model"], ckpt_path)
+        mar.load_state_dict_strict(student_ema, ck["model_ema"], ckpt_path + " [model_ema]")
+        mar.load_state_dict_strict(aux, ck["aux"], ckpt_path + " [aux]")
+        opt_g.load_state_dict(ck["optimizer"])
+        opt_a.load_state_dict(ck["optimizer_aux"])
+        step = ck["step"]
+        mar.print0(f"resumed from {ckpt_path} at step {step}")
+
+    def save():
+        if mar.is_main():
+            mar.save_checkpoint(ckpt_path, {"model": student.state_dict(), "model_ema": student_ema.state_dict(),
+                                            "aux": aux.state_dict(), "optimizer": opt_g.state_dict(),
+                                            "optimizer_aux": opt_a.state_dict(), "step": step, "args": vars(args)})
+
+    evaluator = None
+    if args.preset == "toy" and mar.is_main() and args.eval_images > 0:
+        from evaluate import ToyEvaluator
+        evaluator = ToyEvaluator(args.classifier)
+
+    # -- loop ------------------------------------------------------------------------------------------------------
+    last = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
+    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if mar.is_main() else None
+    bar = None
+    if mar.is_main():
+        from tqdm import tqdm
+        bar = tqdm(total=last, initial=step, desc="distill_gsim", dynamic_ncols=True)
+    aux.train()
+    t0, window = time.time(), []
+    workers = 0 if args.preset == "toy" else args.num_workers
+    while step < last:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        batches = data.epoch_batches(len(dataset), args.global_batch_size, world, rank, args.seed, epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[in_epoch:].tolist(),
+                                             num_workers=workers, pin_memory=device.type == "cuda")
+        for xb, yb in loader:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            gen = torch.Generator(device).manual_seed(mar.step_seed(args.seed, rank, step))
+            with torch.no_grad():
+                latents = to_latents(xb, gen)
+            stats = gsim_step(teacher, student, aux, latents, yb, opt_g, opt_a, args, gen, trainable, precision)
+            step += 1
+            mar.update_ema(student_ema, student, args.ema_rate)
+            window.append(stats)
+            if bar is not None:
+                bar.update(1)
+            if step % args.log_every == 0 or step == last:
+                rec = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
+                rec.update(step=step, total=last, sec_per_step=(time.time() - t0) / len(window))
+                if evaluator is not None and ((args.eval_every and step % args.eval_every == 0) or step == last):
+                    rec.update(student_metrics(student_ema, evaluator, args))
+                if mar.is_main():
+                    bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                t0, window = time.time(), []
+            if step % args.save_every == 0 or step == last:
+                save()
+            if step >= last:
+                break
+    if bar is not None:
+        bar.close()
+    mar.assert_ranks_agree(student)
+
+    # -- toy: teacher (100 head steps, guided like the distillation target) vs one-step student --------------------
+    if evaluator is not None:
+        report = compare_on_toy(teacher, student_ema, evaluator, args)
+        with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        for who in ("teacher", "student"):
+            mar.print0(f"{who:8s} " + ", ".join(f"{k} {v:.4g}" for k, v in report[who].items()))
+        mar.print0(f"speedup {report['speedup']:.1f}x; real-split FID floor {report['real_split_fid']:.3f}")
+    if log is not None:
+        log.close()
+    mar.cleanup_distributed()
+
+
+def student_metrics(student, evaluator, args):
+    from evaluate import sample_toy
+    imgs, labels, _ = sample_toy(student, args.eval_images, args.eval_num_iter, one_step=True, seed=10_000)
+    m = evaluator(imgs, labels)
+    return {"student_toy_fid": m["toy_fid"], "student_accuracy": m["accuracy"]}
+
+
+def compare_on_toy(teacher, student, evaluator, args):
+    """Same labels, K and image count; the teacher at its distillation CFG with 100 head steps, the student one
+    step at cfg 1. Both x0-clipped (pixel tokens, DESIGN 3)."""
+    from evaluate import sample_toy, save_class_grid
+    out = {}
+    for who, model, kw in (("teacher", teacher, dict(cfg=args.teacher_cfg)), ("student", student, dict(one_step=True))):
+        sample_toy(model, 20, args.eval_num_iter, **kw)  # warm-up (first-call overheads out of the timing)
+        imgs, labels, sec = sample_toy(model, args.eval_images, args.eval_num_iter, seed=20_000, **kw)
+        save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{who}.png"))
+        out[who] = dict(evaluator(imgs, labels), sec_per_image=sec)
+    out["speedup"] = out["teacher"]["sec_per_image"] / out["student"]["sec_per_image"]
+    out["real_split_fid"] = evaluator.real_split_fid()
+    out["num_images"], out["num_iter"], out["teacher_cfg"] = args.eval_images, args.eval_num_iter, args.teacher_cfg
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""data.py: the toy digits and pixel tokens, the class-folder reader, the latent cache."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import mar
+import vae
+
+
+def test_toy_digits_split_and_range():
+    xt, yt = data.toy_digits("train")
+    xh, yh = data.toy_digits("heldout")
+    assert xt.shape == (1400, 1, 16, 16) and xh.shape == (397, 1, 16, 16)
+    assert xt.min() >= -1 and xt.max() <= 1 and xt.min() == -1  # background is exactly -1
+    assert set(yt.tolist()) == set(range(10)) and set(yh.tolist()) == set(range(10))
+    # the split is fixed and disjoint: no held-out image appears in the training split
+    flat_t = {tuple(v) for v in xt.flatten(1).numpy().round(4).tolist()}
+    assert sum(tuple(v) in flat_t for v in xh.flatten(1).numpy().round(4).tolist()) <= 2  # sklearn has ~1 duplicate
+    assert torch.equal(data.toy_digits("heldout")[0], xh)
+
+
+def test_toy_pixel_tokens_have_the_kl16_token_width():
+    model = mar.MAR(**data.TOY_MODEL)
+    x, _ = data.toy_digits("heldout")
+    tokens = model.patchify(x[:4])
+    assert tokens.shape == (4, 16, 16)  # 16 tokens of 16 values, like KL-16's 256 tokens of 16
+    torch.testing.assert_close(tokens[0, 5], x[0, 0, 4:8, 4:8].reshape(-1))  # token 5 = row 1, col 1 patch
+    assert torch.equal(data.Tokenizer(None).encode(x[:4]), x[:4])
+
+
+def write_images(root, sizes):
+    for c, (w, h) in enumerate(sizes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        arr = np.random.default_rng(c).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / f"class{c}" / f"img{c}.png")
+
+
+def test_image_folder_crops_to_size(tmp_path):
+    write_images(tmp_path, [(300, 200), (600, 700)])
+    ds = data.ImageFolder(str(tmp_path), image_size=64, flip=False)
+    assert ds.classes == ["class0", "class1"] and len(ds) == 2
+    x, label = ds[1]
+    assert x.shape == (3, 64, 64) and label == 1 and x.min() >= -1 and x.max() <= 1
+
+
+def test_empty_or_missing_image_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "class0").mkdir()
+    (tmp_path / "class0" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no images found"):
+        data.ImageFolder(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.ImageFolder(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no cached latents"):
+        data.CachedLatents(str(tmp_path))
+
+
+def test_latent_cache_roundtrip(tmp_path, monkeypatch):
+    """`data.py cache` with a small random VAE: the stored moments are the VAE's moments of the image and of its
+    mirror image, and CachedLatents returns one of the two."""
+    write_images(tmp_path / "imgs", [(40, 40), (50, 40)])
+    torch.manual_seed(0)
+    small = vae.AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=32).eval()
+    monkeypatch.setattr(vae, "load_vae", lambda path: small)
+    args = argparse.Namespace(data_path=str(tmp_path / "imgs"), vae="unused", out_dir=str(tmp_path / "cache"),
+                              img_size=32, batch_size=2, device="cpu")
+    data.cache_latents(args)
+    ds = data.CachedLatents(str(tmp_path / "cache"))
+    assert len(ds) == 2
+    img = data.ImageFolder(str(tmp_path / "imgs"), 32, flip=False)
+    x, label = img.load(0)
+    with torch.no_grad():
+        want = small.encode(x[None]).moments[0]
+        want_flip = small.encode(x.flip(-1)[None]).moments[0]
+    seen = set()
+    for _ in range(20):
+        m, y = ds[0]
+        assert y == label
+        if torch.allclose(m, want, atol=1e-5):
+            seen.add("plain")
+        elif torch.allclose(m, want_flip, atol=1e-5):
+            seen.add("flip")
+        else:
+            raise AssertionError("cached moments match neither the image nor its mirror")
+    assert seen == {"plain", "flip"}
+    z = data.Tokenizer(small).latents_from_moments(m[None], torch.Generator().manual_seed(0))
+    assert z.shape == (1, 16, 16, 16)

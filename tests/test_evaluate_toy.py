@@ -1,0 +1,54 @@
+"""Metric math (analytic checks) and the toy evaluator."""
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluate
+
+
+def test_frechet_distance_analytic():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 8))
+    mu, sigma = evaluate.feature_stats(a)
+    assert evaluate.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
+    # diagonal Gaussians: ||mu1 - mu2||^2 + sum (s1 + s2 - 2 sqrt(s1 s2))
+    s1, s2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    d = evaluate.frechet_distance(np.zeros(3), np.diag(s1), np.ones(3), np.diag(s2))
+    assert d == pytest.approx(3.0 + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2)))
+    with pytest.raises(ValueError, match="do not match"):
+        evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate.feature_stats(np.zeros((1, 4)))
+
+
+def test_inception_score_extremes():
+    # confident and uniform over classes: IS = number of classes; identical predictions: IS = 1
+    one_hot = torch.eye(10).repeat(10, 1) * 50.0
+    assert evaluate.inception_score(one_hot, splits=10)[0] == pytest.approx(10.0, rel=1e-4)
+    same = torch.zeros(100, 10)
+    assert evaluate.inception_score(same, splits=10)[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="cannot be split"):
+        evaluate.inception_score(torch.zeros(5, 10), splits=10)
+
+
+@pytest.fixture(scope="module")
+def toy_eval(tmp_path_factory):
+    return evaluate.ToyEvaluator(str(tmp_path_factory.mktemp("clf") / "toy_classifier.pt"))
+
+
+def test_toy_evaluator_on_real_and_broken_digits(toy_eval):
+    x, y = data.toy_digits("heldout")
+    real = toy_eval(x, y)
+    assert real["accuracy"] > 0.93  # the classifier recognises real held-out digits
+    assert real["toy_fid"] == pytest.approx(0.0, abs=1e-6)  # held-out against its own statistics
+    floor = toy_eval.real_split_fid()
+    assert 0 < floor < 5
+    # wrong labels and noise must score badly
+    assert toy_eval(x, (y + 1) % 10)["accuracy"] < 0.1
+    noise = toy_eval(torch.rand_like(x) * 2 - 1, y)
+    assert noise["toy_fid"] > 20 * floor and noise["accuracy"] < 0.3
+    # the reward is differentiable in the images
+    xg = x[:8].clone().requires_grad_(True)
+    toy_eval.log_prob(xg, y[:8]).sum().backward()
+    assert xg.grad.abs().sum() > 0

@@ -1,0 +1,260 @@
+"""Teacher pre-training: MAR (Li et al. 2024, arXiv:2406.11838) with MAR's recipe.
+
+MARVAL distills a trained MAR. For ImageNet the official checkpoints exist (load them with `mar.load_mar`); this
+script is for the bundled toy problem and for new datasets. It trains the masked encoder/decoder and the diffusion
+head jointly with MAR's loss: a random order and ONE masking ratio per batch (truncated Gaussian on
+[mask_ratio_min, 1]), the class label dropped to `fake_latent` with probability 0.1 (for CFG), and per masked token
+the head's diffusion loss (MSE on eps + variational bound on the variance) on `diffusion_batch_mul` noised copies.
+
+Reads: the toy digits (--preset toy), a class-folder dataset + the KL-16 VAE (--data-path, --vae), or a latent cache
+(--cached-path, from `python data.py cache`). Writes to --out-dir: checkpoint-last.pth (official MAR format:
+model + model_ema, plus optimizer / step / args), log.jsonl, and for the toy grid.png (one row per class) and
+eval.json (toy FID / IS / accuracy of teacher samples).
+
+    # toy, CPU, a few minutes
+    python train_mar.py --preset toy --out-dir runs/toy_teacher
+    # ImageNet, 1 GPU / 8 GPUs (MAR-B recipe: 800 epochs at global batch 2048 in the paper; lr = blr * batch / 256)
+    python train_mar.py --model mar_base --data-path IMAGENET/train --vae kl16.ckpt --out-dir runs/mar_base
+    torchrun --nproc_per_node=8 train_mar.py --model mar_base --cached-path cache/ --global-batch-size 512 \
+        --out-dir runs/mar_base
+    # CPU smoke run
+    python train_mar.py --preset toy --max-steps 20 --out-dir runs/smoke --eval-images 0
+
+Deviations from main_mar.py: schedules are counted in optimizer steps (warmup given in epochs is converted);
+randomness is re-seeded every step from (seed, rank, step), so --resume continues bit-exactly on the same hardware
+and world size; bf16 autocast on GPU instead of fp16 + GradScaler (MAR issues #29, #69 report fp16 NaNs).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import mar
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+TOY_DEFAULTS = dict(global_batch_size=64, lr=1e-3, lr_schedule="cosine", min_lr=1e-5, warmup_epochs=5, epochs=190,
+                    weight_decay=0.02, ema_rate=0.999, ema_warmup=True, grad_clip=3.0, log_every=50, save_every=500)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("setup")
+    g.add_argument("--preset", choices=["toy"], default=None, help="the bundled toy digits with a ~1.5M-param MAR")
+    g.add_argument("--model", choices=list(mar.PRESETS), default="mar_base", help="architecture (ignored by --preset)")
+    g.add_argument("--out-dir", required=True, help="checkpoint-last.pth, log.jsonl and samples go here")
+    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint-last.pth if present")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
+    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--device", default=None, help="cuda if available, else cpu")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", default=None, help="class-folder images (ImageNet train), encoded on the fly")
+    g.add_argument("--cached-path", default=None, help="latent cache written by `python data.py cache`")
+    g.add_argument("--vae", default=None, help="local path of kl16.ckpt (with --data-path)")
+    g.add_argument("--img-size", type=int, default=256)
+    g.add_argument("--global-batch-size", type=int, default=2048, help="MAR: 64 per GPU x 32 GPUs")
+    g.add_argument("--num-workers", type=int, default=8)
+    g = p.add_argument_group("model")
+    g.add_argument("--diffloss-d", type=int, default=None, help="head depth (default: the preset's)")
+    g.add_argument("--diffloss-w", type=int, default=None, help="head width (default: the preset's)")
+    g.add_argument("--mask-ratio-min", type=float, default=None, help="MAR: 0.7")
+    g.add_argument("--diffusion-batch-mul", type=int, default=None, help="noised copies per token (MAR: 4)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (big models)")
+    g = p.add_argument_group("optimisation (MAR's recipe by default)")
+    g.add_argument("--epochs", type=int, default=800)
+    g.add_argument("--blr", type=float, default=1e-4, help="base lr: lr = blr * global batch / 256")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--warmup-epochs", type=float, default=100)
+    g.add_argument("--weight-decay", type=float, default=0.02, help="not on biases, norms or the head")
+    g.add_argument("--grad-clip", type=float, default=3.0)
+    g.add_argument("--ema-rate", type=float, default=0.9999)
+    g.add_argument("--ema-warmup", action="store_true", help="EMA decay min(rate, (1+n)/(10+n)): for short runs")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-every", type=int, default=100)
+    g.add_argument("--save-every", type=int, default=5000, help="optimizer steps between checkpoints")
+    g.add_argument("--eval-images", type=int, default=400, help="toy: teacher samples scored at the end (0: none)")
+    g.add_argument("--eval-num-iter", type=int, default=4, help="toy: AR iterations K for the final samples")
+    g.add_argument("--eval-cfg", type=float, default=1.0, help="toy: CFG scale for the final samples")
+    g.add_argument("--classifier", default="runs/toy_classifier.pt", help="toy evaluator cache")
+    args = p.parse_args(argv)
+    if args.preset == "toy":  # toy defaults, but flags given explicitly still win
+        p.set_defaults(**TOY_DEFAULTS)
+        args = p.parse_args(argv)
+    elif not (args.data_path or args.cached_path):
+        p.error("give --preset toy, or --data-path (with --vae) or --cached-path")
+    if args.data_path and not args.vae:
+        p.error("--data-path needs --vae (the local kl16.ckpt) to encode images")
+    return args
+
+
+def build_model(args):
+    """The MAR to train: the toy configuration or a named preset, with command-line overrides."""
+    over = {k: v for k, v in dict(diffloss_d=args.diffloss_d, diffloss_w=args.diffloss_w,
+                                  mask_ratio_min=args.mask_ratio_min, diffusion_batch_mul=args.diffusion_batch_mul,
+                                  grad_checkpointing=args.grad_checkpointing or None).items() if v is not None}
+    if args.preset == "toy":
+        return mar.MAR(**{**data.TOY_MODEL, **over})
+    return mar.PRESETS[args.model](img_size=args.img_size, **over)
+
+
+def lr_at(step, total, warmup, base, schedule, min_lr):
+    """Linear warmup from 0, then constant or half-cosine to min_lr (MAR util/lr_sched.py, counted in steps)."""
+    if step < warmup:
+        return base * step / warmup
+    if schedule == "constant":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # ------------------------------------------------------------------------------------------------------------
+    # Setup
+    # ------------------------------------------------------------------------------------------------------------
+    rank, world, device = mar.setup_distributed(args.device)
+    if args.global_batch_size % world:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
+    bsz = args.global_batch_size // world
+    os.makedirs(args.out_dir, exist_ok=True)
+    mar.print0(f"out dir: {os.path.abspath(args.out_dir)}; {world} process(es) on {device}, batch {bsz} each")
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Data: every source yields (x, label) where x becomes MAR latents (B, C, H, W) in `to_latents`
+    # ------------------------------------------------------------------------------------------------------------
+    dataset, to_latents = data.training_source(args, device)
+    steps_per_epoch = len(dataset) // args.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} training items are fewer than one global batch ({args.global_batch_size})")
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Model, EMA, optimizer (identical init on every rank: seeded before construction)
+    # ------------------------------------------------------------------------------------------------------------
+    torch.manual_seed(args.seed)
+    model = build_model(args).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    mar.print0(f"MAR: {n_params / 1e6:.2f}M parameters ({sum(p.numel() for p in model.diffloss.parameters()) / 1e6:.2f}M"
+               f" in the head); {total_steps} steps of {args.global_batch_size} ({args.epochs} epochs)")
+    # MAR's weight decay: only matrices outside the diffusion head (no biases, norms, or head weights)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias") and "diffloss" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and not n.endswith(".bias")
+                                                                and "diffloss" not in n)]
+    base_lr = args.lr if args.lr is not None else args.blr * args.global_batch_size / 256
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=base_lr, betas=(0.9, 0.95))
+    step = 0
+    ckpt_path = os.path.join(args.out_dir, "checkpoint-last.pth")
+    if args.resume and os.path.exists(ckpt_path):
+        ck = mar.load_checkpoint(ckpt_path)
+        mar.load_state_dict_strict(model, ck["model"], ckpt_path)
+        mar.load_state_dict_strict(ema, ck["model_ema"], ckpt_path + " [model_ema]")
+        opt.load_state_dict(ck["optimizer"])
+        step = ck["step"]
+        mar.print0(f"resumed from {ckpt_path} at step {step}")
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+
+    def save():
+        if mar.is_main():
+            mar.save_checkpoint(ckpt_path, {"model": model.state_dict(), "model_ema": ema.state_dict(),
+                                            "optimizer": opt.state_dict(), "step": step, "args": vars(args)})
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loop
+    # ------------------------------------------------------------------------------------------------------------
+    last = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
+    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if mar.is_main() else None
+    bar = None
+    if mar.is_main():
+        from tqdm import tqdm
+        bar = tqdm(total=last, initial=step, desc="train_mar", dynamic_ncols=True)
+    model.train()
+    t0, window = time.time(), []
+    workers = 0 if args.preset == "toy" else args.num_workers
+    while step < last:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        batches = data.epoch_batches(len(dataset), args.global_batch_size, world, rank, args.seed, epoch)
+        # the rest of this epoch's batches (a resumed run starts mid-epoch at the same position)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[in_epoch:].tolist(),
+                                             num_workers=workers, pin_memory=device.type == "cuda")
+        for xb, yb in loader:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            gen = torch.Generator(device).manual_seed(mar.step_seed(args.seed, rank, step))
+            torch.manual_seed(mar.step_seed(args.seed, rank, step) + 1)  # dropout
+            with torch.no_grad():
+                latents = to_latents(xb, gen)  # (B, C, H, W), MAR-scaled
+            lr = lr_at(step, total_steps, warmup_steps, base_lr, args.lr_schedule, args.min_lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = ddp(latents, yb, generator=gen)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; the last checkpoint is kept")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # DDP averages the gradients over ranks here
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            step += 1
+            rate = min(args.ema_rate, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_rate
+            mar.update_ema(ema, model, rate)
+            window.append(loss.item())
+            if bar is not None:
+                bar.update(1)
+            if step % args.log_every == 0 or step == last:
+                dt = (time.time() - t0) / len(window)
+                rec = {"step": step, "total": last, "loss": sum(window) / len(window), "lr": lr,
+                       "grad_norm": float(grad_norm), "sec_per_step": dt, "img_per_sec": args.global_batch_size / dt}
+                if mar.is_main():
+                    bar.write(f"step {step}/{last} loss {rec['loss']:.4f} lr {lr:.2e} |g| {rec['grad_norm']:.2f} "
+                              f"{dt:.3f} s/step {rec['img_per_sec']:.0f} img/s")
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                t0, window = time.time(), []
+            if step % args.save_every == 0 or step == last:
+                save()
+            if step >= last:
+                break
+    if bar is not None:
+        bar.close()
+    mar.assert_ranks_agree(model)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Toy: sample the EMA teacher (100 head steps, x0 clipped to the pixel range) and score it
+    # ------------------------------------------------------------------------------------------------------------
+    if args.preset == "toy" and mar.is_main() and args.eval_images > 0:
+        result = evaluate_toy_teacher(ema, args, device)
+        with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        mar.print0("toy teacher: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)))
+    if log is not None:
+        log.close()
+    mar.cleanup_distributed()
+
+
+def evaluate_toy_teacher(model, args, device):
+    """Sample the toy teacher (100 head steps per token) and score it with the toy classifier; grid.png."""
+    from evaluate import ToyEvaluator, sample_toy, save_class_grid
+    ev = ToyEvaluator(args.classifier)
+    imgs, labels, sec = sample_toy(model, args.eval_images, args.eval_num_iter, args.eval_cfg)
+    save_class_grid(imgs, labels, os.path.join(args.out_dir, "grid.png"))
+    return dict(ev(imgs, labels), real_split_fid=ev.real_split_fid(), sec_per_image=sec,
+                num_images=len(imgs), num_iter=args.eval_num_iter, cfg=args.eval_cfg, diffusion_steps=100)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,16 +1,32 @@
-"""Evaluation: FID and Inception Score, and the toy evaluator.
+"""Evaluation: FID, Inception Score, precision/recall, CLIP score and PickScore; and the toy evaluator.
 
-Metrics:
-  * Frechet distance between Gaussian fits of features (Heusel et al. 2017, arXiv:1706.08500, Eq. 6), in float64
-    with scipy's sqrtm, as pytorch-fid and torch-fidelity compute it.
-  * Inception Score exp(E_x KL(p(y|x) || p(y))) over 10 splits (Salimans et al. 2016, arXiv:1606.03498).
-  * The toy evaluator: a small CNN trained on the toy digits' training split plays Inception. Its 128-d penultimate
-    features give the toy FID (against the held-out split's statistics), its logits give the toy IS and the class
-    accuracy of generated digits (does the digit look like the requested class?). It is trained once (~20 s on a
-    CPU) and cached as a file.
+Metrics (each function is self-contained and copyable):
+  * FID: Frechet distance between Gaussian fits of Inception pool_3 features (Heusel et al. 2017, arXiv:1706.08500),
+    float64 with scipy's sqrtm, as pytorch-fid and torch-fidelity compute it.
+  * Inception Score exp(E_x KL(p(y|x) || p(y))) over 10 consecutive splits (Salimans et al. 2016), on the 1008
+    logits without the fc bias, as torch-fidelity (the pipeline MAR reports with) computes it.
+  * Improved precision / recall with k = 3 (Kynkaanniemi et al. 2019) on the same features: fidelity and diversity,
+    the open question for a distilled, reward-tuned generator.
+  * The FID Inception v3 is built here (TF-2015 graph quirks included) and loads the standard weights file; images
+    are uint8, resized to 299 with TensorFlow-1 bilinear semantics and mapped by (x - 128) / 128 (torch-fidelity).
+    Tests check features and logits against pytorch-fid's and torch-fidelity's networks with the same weights.
+  * CLIP score (open_clip, local weights) and PickScore (transformers, local directories): the same classes serve
+    as differentiable rewards in rl_refine.py.
+  * The toy evaluator: a small CNN trained on the toy digits' training split plays Inception. Its 128-d features
+    give the toy FID against the held-out split, its logits the toy IS and the class accuracy of generated digits.
+    It is trained once (~20 s on a CPU) and cached as a file.
 
-Commands:
-    python evaluate.py --toy --samples samples/toy.npz --json toy_metrics.json     # toy FID / IS / accuracy
+Nothing is downloaded: every weights file is a local path.
+
+    # ImageNet 256 (the files MAR's and ADM's evaluations use)
+    python evaluate.py --samples samples/marval_h/samples.npz --ref-stats VIRTUAL_imagenet256_labeled.npz \
+        --inception-weights pt_inception-2015-12-05-6726825d.pth --json fid.json
+    # + PickScore and CLIP score
+    python evaluate.py --samples samples/marval_h/samples.npz --ref-stats VIRTUAL_imagenet256_labeled.npz \
+        --inception-weights pt_inception-2015-12-05-6726825d.pth --pickscore-model PickScore_v1/ \
+        --pickscore-processor CLIP-ViT-H-14/ --clip-model ViT-H-14 --clip-weights open_clip_vit_h14.bin
+    # toy digits
+    python evaluate.py --toy --samples samples/toy_student/samples.npz
 """
 import argparse
 import json
@@ -21,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from scipy import linalg
 
 import mar
@@ -71,6 +88,27 @@ def inception_score(logits, splits=10):
         kl = (chunk * (chunk.clamp_min(1e-12).log() - py.clamp_min(1e-12).log())).sum(1).mean()
         scores.append(kl.exp().item())
     return float(np.mean(scores)), float(np.std(scores))
+
+
+def precision_recall(real, fake, k=3, batch=2000):
+    """Improved precision and recall (Kynkaanniemi et al. 2019, arXiv:1904.06991) on features (N, D).
+
+    Each sample's k-NN radius (k-th nearest neighbour within its own set, itself excluded) defines a ball; precision
+    = share of fake samples inside some real ball (fidelity), recall = share of real samples inside some fake ball
+    (diversity). Distances in batches, so 50k x 50k fits in memory.
+    """
+    real, fake = torch.as_tensor(real, dtype=torch.float32), torch.as_tensor(fake, dtype=torch.float32)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
+
+    def radii(x):  # (N,) distance to the k-th neighbour (index k: index 0 is the point itself)
+        return torch.cat([torch.cdist(b, x).kthvalue(k + 1, dim=1).values for b in x.split(batch)])
+
+    def covered(x, ref, ref_r):  # share of x inside at least one ball of ref
+        return torch.cat([(torch.cdist(b, ref) <= ref_r[None]).any(1) for b in x.split(batch)]).float().mean().item()
+
+    r_real, r_fake = radii(real), radii(fake)
+    return covered(fake, real, r_real), covered(real, fake, r_fake)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -369,26 +407,210 @@ def save_class_grid(images, labels, path, per_class=10, zoom=3):
     im.resize((im.width * zoom, im.height * zoom), resample=0).save(path)
 
 
-def main():
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards / text-image scores: images in [-1, 1] (B, 3, H, W) and class ids -> (B,) scores, differentiable
+# ----------------------------------------------------------------------------------------------------------------
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(images, size=224):
+    """CLIP's preprocessing in torch, so gradients flow: resize the short side to `size` (bicubic, antialiased),
+    center crop, normalise with CLIP's mean/std. images (B, 3, H, W) in [-1, 1]."""
+    x = (images.float() + 1) / 2
+    h, w = x.shape[-2:]
+    s = size / min(h, w)
+    x = F.interpolate(x, size=(max(size, round(h * s)), max(size, round(w * s))), mode="bicubic", antialias=True,
+                      align_corners=False)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    x = x[..., top: top + size, left: left + size]
+    mean, std = torch.tensor(CLIP_MEAN, device=x.device), torch.tensor(CLIP_STD, device=x.device)
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
+def imagenet_prompts():
+    """ImageNet entity names (open_clip's bundled IMAGENET_CLASSNAMES): MARVAL-RL's prompts."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    return list(IMAGENET_CLASSNAMES)
+
+
+class PickScoreReward(nn.Module):
+    """PickScore (Kirstain et al. 2023): logit_scale.exp() * cos(image, prompt) of a CLIP-H fine-tuned on human
+    preferences. Local directories only: model `yuvalkirstain/PickScore_v1`, processor
+    `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` (snapshots saved with save_pretrained or downloaded by hand)."""
+
+    def __init__(self, model_dir, processor_dir, prompts=None):
+        super().__init__()
+        from transformers import AutoProcessor, CLIPModel
+        for d in (model_dir, processor_dir):
+            if not os.path.isdir(d):
+                raise FileNotFoundError(f"{d!r} is not a local directory; PickScore is never downloaded")
+        self.processor = AutoProcessor.from_pretrained(processor_dir, local_files_only=True)
+        self.model = CLIPModel.from_pretrained(model_dir, local_files_only=True).eval().requires_grad_(False)
+        crop = self.processor.image_processor.crop_size
+        self.size = crop["height"] if isinstance(crop, dict) else int(crop)
+        self.prompts = prompts or imagenet_prompts()
+        self._text = {}
+
+    @staticmethod
+    def _features(out):  # transformers 5 returns an output object, 4 a tensor
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    def text_features(self, labels):
+        dev = next(self.model.parameters()).device
+        missing = sorted({int(l) for l in labels} - set(self._text))
+        if missing:
+            tok = self.processor(text=[self.prompts[i] for i in missing], padding=True, truncation=True,
+                                 max_length=77, return_tensors="pt").to(dev)
+            with torch.no_grad():
+                f = F.normalize(self._features(self.model.get_text_features(**tok)).float(), dim=-1)
+            self._text.update(zip(missing, f))
+        return torch.stack([self._text[int(l)] for l in labels])
+
+    def forward(self, images, labels):
+        img = self._features(self.model.get_image_features(pixel_values=clip_preprocess(images, self.size)))
+        cos = (F.normalize(img.float(), dim=-1) * self.text_features(labels)).sum(-1)
+        return self.model.logit_scale.exp() * cos
+
+
+class ClipReward(nn.Module):
+    """CLIP score 100 * cos(image, "a photo of a {class}.") with an open_clip model from a local weights file."""
+
+    def __init__(self, model_name, weights_path, prompts=None):
+        super().__init__()
+        import open_clip
+        if not os.path.isfile(weights_path):
+            raise FileNotFoundError(f"open_clip weights {weights_path!r} not found; nothing is downloaded")
+        self.model = open_clip.create_model(model_name, pretrained=weights_path).eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        size = self.model.visual.image_size
+        self.size = size[0] if isinstance(size, (tuple, list)) else size
+        self.prompts = [f"a photo of a {p}." for p in (prompts or imagenet_prompts())]
+        self._text = {}
+
+    def forward(self, images, labels):
+        dev = next(self.model.parameters()).device
+        missing = sorted({int(l) for l in labels} - set(self._text))
+        if missing:
+            with torch.no_grad():
+                f = self.model.encode_text(self.tokenizer([self.prompts[i] for i in missing]).to(dev))
+            self._text.update(zip(missing, F.normalize(f.float(), dim=-1)))
+        text = torch.stack([self._text[int(l)] for l in labels])
+        img = F.normalize(self.model.encode_image(clip_preprocess(images, self.size)).float(), dim=-1)
+        return 100.0 * (img * text).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_samples(path):
+    """uint8 (N, H, W, C) and labels (or None) from an ADM-style .npz or a folder of PNGs."""
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
+        if not files:
+            raise ValueError(f"no .png files in {path!r}")
+        arr = np.stack([np.array(Image.open(os.path.join(path, f))) for f in files])
+        labels = None
+    else:
+        with np.load(path) as d:
+            if "arr_0" not in d:
+                raise ValueError(f"{path!r} has no 'arr_0' (expected the ADM format: uint8 (N, H, W, 3))")
+            arr, labels = d["arr_0"], (d["labels"] if "labels" in d else None)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"samples must be uint8 in [0, 255], got {arr.dtype} (save rounded uint8, not floats)")
+    arr = arr[..., None] if arr.ndim == 3 else arr
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise ValueError(f"samples must be (N, H, W, 3) or (N, H, W, 1), got {arr.shape}")
+    return arr, labels
+
+
+def reference_stats(path, inception, device, batch):
+    """(mu, sigma, features or None) from a reference .npz: ADM's mu/sigma if present, else computed from arr_0;
+    features (for precision/recall) whenever arr_0 is there."""
+    with np.load(path) as d:
+        keys = set(d.files)
+        if not ({"mu", "sigma"} <= keys or "arr_0" in keys):
+            raise ValueError(f"reference {path!r} has neither mu/sigma nor arr_0")
+        feats = inception_features(d["arr_0"], inception, device, batch)[0] if "arr_0" in keys else None
+        if {"mu", "sigma"} <= keys:
+            return d["mu"], d["sigma"], feats
+    return (*feature_stats(feats), feats)
+
+
+@torch.no_grad()
+def inception_features(arr, inception, device, batch=50):
+    """uint8 (N, H, W, C) -> pool features (N, 2048) float64 and unbiased logits (N, 1008)."""
+    feats, logits = [], []
+    for i in range(0, len(arr), batch):
+        x = torch.from_numpy(arr[i: i + batch]).permute(0, 3, 1, 2)
+        x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+        f, l = inception(x.to(device))
+        feats.append(f.double().cpu())
+        logits.append(l.double().cpu())
+    return torch.cat(feats).numpy(), torch.cat(logits)
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--toy", action="store_true", help="evaluate toy digits with the toy classifier")
-    p.add_argument("--samples", required=True, help=".npz with arr_0 (N, H, W[, C]) uint8 and labels")
+    p.add_argument("--samples", required=True, help="ADM-format .npz (arr_0 uint8 NHWC [+ labels]) or a PNG folder")
+    p.add_argument("--toy", action="store_true", help="toy digits: toy FID / IS / accuracy with the toy classifier")
     p.add_argument("--classifier", default="runs/toy_classifier.pt", help="toy classifier cache (trained if absent)")
+    p.add_argument("--ref-stats", default=None, help="reference .npz (VIRTUAL_imagenet256_labeled.npz: mu, sigma, arr_0)")
+    p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--clip-model", default=None, help="open_clip architecture name for the CLIP score, e.g. ViT-H-14")
+    p.add_argument("--clip-weights", default=None, help="local open_clip weights file")
+    p.add_argument("--pickscore-model", default=None, help="local directory of yuvalkirstain/PickScore_v1")
+    p.add_argument("--pickscore-processor", default=None, help="local directory of laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write the numbers here")
-    args = p.parse_args()
-    if not args.toy:
-        raise SystemExit("only --toy is implemented so far")
-    with np.load(args.samples) as d:
-        arr, labels = d["arr_0"], torch.from_numpy(d["labels"]).long()
-    x = torch.from_numpy(arr).float()
-    x = (x[..., :1] if x.ndim == 4 else x[..., None]).permute(0, 3, 1, 2) / 127.5 - 1  # (N, 1, 16, 16)
-    ev = ToyEvaluator(args.classifier)
-    out = dict(ev(x, labels), real_split_fid=ev.real_split_fid(), num_images=len(x))
+    args = p.parse_args(argv)
+    arr, labels = load_samples(args.samples)
+    out = {"samples": args.samples, "num_images": len(arr)}
+    if args.toy:
+        x = torch.from_numpy(arr[..., :1]).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 1, 16, 16)
+        if labels is None:
+            raise ValueError("toy evaluation needs the labels stored in the .npz")
+        ev = ToyEvaluator(args.classifier)
+        out.update(ev(x, torch.from_numpy(labels).long()), real_split_fid=ev.real_split_fid())
+    else:
+        if not (args.ref_stats and args.inception_weights):
+            p.error("FID / IS need --ref-stats and --inception-weights (or --toy for the toy digits)")
+        if len(arr) < 10:
+            raise ValueError(f"{len(arr)} samples are too few for FID / IS (10 splits); FID-50K uses 50,000")
+        inception = load_inception(args.inception_weights).to(args.device)
+        feats, logits = inception_features(arr, inception, args.device, args.batch_size)
+        mu_r, sigma_r, ref_feats = reference_stats(args.ref_stats, inception, args.device, args.batch_size)
+        if mu_r.shape != (2048,):
+            raise ValueError(f"reference mu has shape {mu_r.shape}; expected (2048,) pool_3 statistics")
+        out["fid"] = frechet_distance(*feature_stats(feats), mu_r, sigma_r)
+        out["inception_score"], out["inception_score_std"] = inception_score(logits, splits=10)
+        if ref_feats is not None:
+            out["precision"], out["recall"] = precision_recall(ref_feats, feats, k=3)
+    if args.pickscore_model or args.clip_model:
+        if labels is None:
+            raise ValueError("CLIP score / PickScore need the class labels stored in the .npz")
+        scorers = {}
+        if args.pickscore_model:
+            scorers["pickscore"] = PickScoreReward(args.pickscore_model, args.pickscore_processor or args.pickscore_model)
+        if args.clip_model:
+            scorers["clip_score"] = ClipReward(args.clip_model, args.clip_weights)
+        for name, fn in scorers.items():
+            fn = fn.to(args.device)
+            vals = []
+            with torch.no_grad():
+                for i in range(0, len(arr), args.batch_size):
+                    x = torch.from_numpy(arr[i: i + args.batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+                    vals.append(fn(x.to(args.device), torch.from_numpy(labels[i: i + args.batch_size])).cpu())
+            out[name] = torch.cat(vals).mean().item()
     for k, v in out.items():
-        print(f"{k:16s} {v:.4f}" if isinstance(v, float) else f"{k:16s} {v}")
+        print(f"{k:22s} {v:.4f}" if isinstance(v, float) else f"{k:22s} {v}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
+    return out
 
 
 if __name__ == "__main__":

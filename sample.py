@@ -1,0 +1,165 @@
+"""Sampling at the ImageNet protocol (MAR teacher or MARVAL student), on any number of GPUs.
+
+Every image has a global index i, a class label (50 per class for FID-50K: i // (N / classes)) and its own
+torch.Generator seeded from (seed, i), and batches are laid out as in MAR's evaluation (global batch s, rank r takes
+indices [s*B*W + r*B, s*B*W + (r+1)*B)), so an image's pixels do not depend on the number of GPUs.
+
+Writes to --out-dir: images/{index:05d}.png (uint8, rounded, never JPEG), samples.npz in the ADM evaluator's
+format (arr_0: uint8 (N, H, W, 3) in a fixed SHUFFLED order, because the Inception Score splits consecutive
+chunks; labels: (N,) in the same order), grid.png (the first images with their labels), and a JSON (--json,
+default OUT_DIR/sample.json) with images/s.
+
+    # MARVAL-H student (one head step per token, no CFG), 8 GPUs, FID-50K
+    torchrun --nproc_per_node=8 sample.py --ckpt marval_huge.pth --vae kl16.ckpt --model mar_huge \
+        --num-images 50000 --num-iter 128 --one-step --out-dir samples/marval_h
+    # the MAR-B teacher the official way: 256 AR steps x 100 diffusion steps, linear CFG 2.9
+    torchrun --nproc_per_node=8 sample.py --ckpt mar_base/checkpoint-last.pth --vae kl16.ckpt --model mar_base \
+        --num-images 50000 --num-iter 256 --num-diffusion-steps 100 --cfg 2.9 --out-dir samples/mar_b
+    # toy digits on a CPU
+    python sample.py --preset toy --ckpt runs/toy_student/checkpoint-last.pth --one-step --num-images 400 \
+        --num-iter 4 --out-dir samples/toy_student
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+
+import data
+import mar
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt", required=True, help="MAR-format checkpoint (official, train_mar, distill_gsim, rl_refine)")
+    g.add_argument("--preset", choices=["toy"], default=None, help="the toy digits model (no VAE)")
+    g.add_argument("--model", choices=list(mar.PRESETS), default="mar_base")
+    g.add_argument("--vae", default=None, help="local kl16.ckpt (not for --preset toy)")
+    g.add_argument("--no-ema", action="store_true", help="use 'model' instead of the EMA weights")
+    g = p.add_argument_group("sampler")
+    g.add_argument("--one-step", action="store_true", help="MARVAL: one head call per token from t* = 400")
+    g.add_argument("--num-diffusion-steps", type=int, default=100, help="teacher: reverse steps per token")
+    g.add_argument("--num-iter", type=int, default=64, help="AR iterations K (MAR: 256 for the table, 64 fast)")
+    g.add_argument("--cfg", type=float, default=1.0, help="CFG scale (MAR-B 2.9, L 3.0, H 3.2; MARVAL student 1)")
+    g.add_argument("--cfg-schedule", choices=["linear", "constant"], default="linear")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g = p.add_argument_group("run")
+    g.add_argument("--num-images", type=int, default=50000)
+    g.add_argument("--class-num", type=int, default=None, help="default: the model's")
+    g.add_argument("--batch-size", type=int, default=64, help="per process")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None)
+    g.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    g.add_argument("--out-dir", required=True)
+    g.add_argument("--json", default=None, help="default: OUT_DIR/sample.json")
+    args = p.parse_args(argv)
+    if args.preset != "toy" and not args.vae:
+        p.error("--vae (the local kl16.ckpt) is needed to decode latents into images")
+    return args
+
+
+def labels_for(n, class_num):
+    """Label of each global index: n / class_num consecutive images per class (50 per class for FID-50K)."""
+    if n % class_num:
+        raise ValueError(f"--num-images {n} is not a multiple of the {class_num} classes (balanced classes)")
+    return torch.arange(n) // (n // class_num)
+
+
+def to_uint8(images):
+    """[-1, 1] floats (B, C, H, W) -> uint8 (B, H, W, C), clipped and ROUNDED (not truncated)."""
+    return ((images.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def labelled_grid(arr, labels, path, n=32, ncol=8):
+    """The first n images in a grid, each with its class label written under it."""
+    arr, labels = arr[:n], labels[:n]
+    h, w = arr.shape[1:3]
+    scale = max(1, 64 // h)
+    cell_w, cell_h = w * scale, h * scale + 12
+    rows = (len(arr) + ncol - 1) // ncol
+    canvas = Image.new("RGB", (ncol * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (img, lab) in enumerate(zip(arr, labels)):
+        im = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).convert("RGB")
+        r, c = divmod(i, ncol)
+        canvas.paste(im.resize((cell_w, h * scale), Image.NEAREST), (c * cell_w, r * cell_h))
+        draw.text((c * cell_w + 2, r * cell_h + h * scale), str(int(lab)), fill="black")
+    canvas.save(path)
+
+
+@torch.no_grad()
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = mar.setup_distributed(args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    img_dir = os.path.join(args.out_dir, "images")
+    os.makedirs(img_dir, exist_ok=True)
+
+    # -- model and tokenizer ---------------------------------------------------------------------------------------
+    model = mar.MAR(**data.TOY_MODEL) if args.preset == "toy" else mar.PRESETS[args.model]()
+    mar.load_mar(args.ckpt, model, use_ema=not args.no_ema, verbose=mar.is_main())
+    model = model.to(device).eval()
+    vae = None
+    if args.preset != "toy":
+        import vae as vae_lib
+        vae = vae_lib.load_vae(args.vae).to(device)
+    tokenizer = data.Tokenizer(vae)
+    labels = labels_for(args.num_images, args.class_num or model.class_num)
+    mode = "one-step (MARVAL)" if args.one_step else f"teacher, {args.num_diffusion_steps} head steps"
+    mar.print0(f"sampling {args.num_images} images, {mode}, K={args.num_iter}, cfg {args.cfg} ({args.cfg_schedule}), "
+               f"{world} process(es), batch {args.batch_size} each")
+
+    # -- sample this rank's batches --------------------------------------------------------------------------------
+    B, W = args.batch_size, world
+    steps = (args.num_images + B * W - 1) // (B * W)
+    t0, done = time.time(), 0
+    it = range(steps)
+    if mar.is_main():
+        from tqdm import tqdm
+        it = tqdm(it, desc="sample", dynamic_ncols=True)
+    for s in it:
+        idx = [i for i in range(s * B * W + rank * B, s * B * W + (rank + 1) * B) if i < args.num_images]
+        if not idx:
+            continue
+        gens = [torch.Generator(device).manual_seed(args.seed * 1_000_003 + i) for i in idx]  # one per image
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            latents = model.sample_tokens(len(idx), num_iter=args.num_iter, cfg=args.cfg,
+                                          cfg_schedule=args.cfg_schedule, labels=labels[idx].to(device),
+                                          temperature=args.temperature, num_diffusion_steps=args.num_diffusion_steps,
+                                          one_step=args.one_step, clip_denoised=args.preset == "toy", generator=gens)
+            images = tokenizer.decode(latents.float())
+        for i, img in zip(idx, to_uint8(images).numpy()):
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(os.path.join(img_dir, f"{i:05d}.png"))
+        done += len(idx)
+    elapsed = time.time() - t0
+    if dist.is_initialized():
+        dist.barrier()  # every PNG is on disk before rank 0 packs them
+
+    # -- rank 0: ADM-format .npz (shuffled), labelled grid, JSON -------------------------------------------------
+    if mar.is_main():
+        arr = np.stack([np.array(Image.open(os.path.join(img_dir, f"{i:05d}.png"))) for i in range(args.num_images)])
+        arr = arr[..., None] if arr.ndim == 3 else arr  # (N, H, W, C)
+        perm = np.random.RandomState(args.seed).permutation(args.num_images)
+        tmp = os.path.join(args.out_dir, "samples.tmp.npz")
+        np.savez(tmp, arr_0=arr[perm], labels=labels.numpy()[perm], index=perm)
+        os.replace(tmp, os.path.join(args.out_dir, "samples.npz"))
+        labelled_grid(arr, labels.numpy(), os.path.join(args.out_dir, "grid.png"))
+        result = {"num_images": args.num_images, "world_size": world, "seconds": elapsed,
+                  "images_per_sec": done * world / elapsed, "sec_per_image_per_process": elapsed / done,
+                  "one_step": args.one_step, "num_iter": args.num_iter, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
+                  "num_diffusion_steps": None if args.one_step else args.num_diffusion_steps,
+                  "temperature": args.temperature, "device": str(device), "precision": precision, "ckpt": args.ckpt}
+        with open(args.json or os.path.join(args.out_dir, "sample.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"{args.num_images} images in {elapsed:.1f} s: {result['images_per_sec']:.2f} images/s "
+              f"-> {os.path.join(args.out_dir, 'samples.npz')}")
+    mar.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -447,8 +447,8 @@ class PickScoreReward(nn.Module):
                 raise FileNotFoundError(f"{d!r} is not a local directory; PickScore is never downloaded")
         self.processor = AutoProcessor.from_pretrained(processor_dir, local_files_only=True)
         self.model = CLIPModel.from_pretrained(model_dir, local_files_only=True).eval().requires_grad_(False)
-        crop = self.processor.image_processor.crop_size
-        self.size = crop["height"] if isinstance(crop, dict) else int(crop)
+        crop = self.processor.image_processor.crop_size  # a dict (transformers 4) or a SizeDict (5)
+        self.size = int(crop["height"] if isinstance(crop, dict) else getattr(crop, "height", crop))
         self.prompts = prompts or imagenet_prompts()
         self._text = {}
 

@@ -606,7 +606,7 @@ class MAR(nn.Module):
     # -- sampling ---------------------------------------------------------------------------------------------------
     def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
                       num_diffusion_steps=None, one_step=False, clip_denoised=False, generator=None, progress=False,
-                      checkpoint_steps=False, grad_steps=None):
+                      checkpoint_steps=False, grad_steps=None, step_callback=None):
         """MAR's outer masked-AR loop; returns latents (B, C, H, W) in the 0.2325-scaled space.
 
         Teacher (one_step=False): each AR step runs the head's reverse diffusion (`num_diffusion_steps`, default the
@@ -616,7 +616,8 @@ class MAR(nn.Module):
         generator: a torch.Generator, or a list of B generators (one per image: an image then depends only on its
         own generator, not on its batch). Gradients flow when enabled (RL): `checkpoint_steps` wraps every AR step in
         torch.utils.checkpoint (noise is drawn outside, so recomputation is exact); `grad_steps=k` keeps the graph
-        only for the last k AR steps (DRaFT-k truncation).
+        only for the last k AR steps (DRaFT-k truncation). `step_callback(step, tokens, mask, to_pred, noise)` is called
+        before each AR step with its inputs (RL uses it to run a frozen reference on the same context and noise).
         """
         device = self.fake_latent.device
         L, C = self.seq_len, self.token_embed_dim
@@ -646,6 +647,8 @@ class MAR(nn.Module):
                 S = self.diffloss.gen_diffusion(num_diffusion_steps).num_timesteps
                 noise = _randn((bsz, (S + 1) * n_noise), generator, device).reshape(bsz, S + 1, n_pred, C)
                 noise = noise.permute(1, 0, 2, 3).reshape(S + 1, bsz * n_pred, C)  # [0] = x_T, [1:] per reverse step
+            if step_callback is not None:
+                step_callback(step, tokens, mask, to_pred, noise)
             args = (tokens, mask, to_pred, labels, noise, cfg_k, temperature, num_diffusion_steps, one_step, clip_denoised)
             track = grad_steps is None or step >= num_iter - grad_steps
             with torch.set_grad_enabled(torch.is_grad_enabled() and track):

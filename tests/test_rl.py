@@ -1,0 +1,126 @@
+"""Stage 2: rewards loaded through the real loading code (tiny random models saved to disk), gradients from the reward
+through preprocessing and VAE decode into the generator, and a short RL run with the regulariser and selection."""
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import evaluate
+import mar
+import rl_refine
+import vae
+from conftest import randomize_
+
+
+@pytest.fixture(scope="module")
+def pickscore_dirs(tmp_path_factory):
+    """A tiny random transformers CLIP + processor (byte-level vocabulary, no merges) saved like the real ones."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    d = tmp_path_factory.mktemp("pickscore")
+    chars = list(bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(crop_size={"height": 32, "width": 32},
+                                                            size={"shortest_edge": 32}),
+                         tokenizer=CLIPTokenizer(vocab=vocab, merges=[]))
+    proc.save_pretrained(d / "processor")
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=1),
+                     vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(d / "model")
+    return str(d / "model"), str(d / "processor")
+
+
+@pytest.fixture(scope="module")
+def open_clip_file(tmp_path_factory):
+    """A tiny open_clip model registered from a JSON config, its random weights saved to a file."""
+    import open_clip
+    d = tmp_path_factory.mktemp("openclip")
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (d / "tiny-test-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(d / "tiny-test-clip.json"))
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-test-clip")
+    torch.save(model.state_dict(), d / "tiny.pt")
+    return "tiny-test-clip", str(d / "tiny.pt")
+
+
+def tiny_generator_and_vae():
+    """A MAR over 4x4 latents of 16 channels and a small VAE decoding them to 8x8 RGB (one upsampling level)."""
+    torch.manual_seed(0)
+    model = randomize_(mar.mar_tiny(img_size=8, vae_stride=2, class_num=1000, buffer_size=4), std=0.02).eval()
+    ae = vae.AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=8).eval()
+    return model, data.Tokenizer(ae.requires_grad_(False))
+
+
+@pytest.mark.parametrize("kind", ["pickscore", "clip"])
+def test_reward_gradient_reaches_the_generator(kind, pickscore_dirs, open_clip_file):
+    reward = evaluate.PickScoreReward(*pickscore_dirs) if kind == "pickscore" else evaluate.ClipReward(*open_clip_file)
+    model, tok = tiny_generator_and_vae()
+    labels = torch.tensor([1, 207])
+    latents = model.sample_tokens(2, num_iter=2, labels=labels, one_step=True, checkpoint_steps=True,
+                                  generator=torch.Generator().manual_seed(0))
+    images = tok.decode(latents)                    # (2, 3, 8, 8): CLIP preprocessing resizes to 32
+    score = reward(images, labels)
+    assert score.shape == (2,) and torch.isfinite(score).all()
+    (-score.mean()).backward()
+    for name in ("diffloss.net.final_layer.linear.weight", "encoder_blocks.0.attn.qkv.weight"):
+        g = dict(model.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+    assert all(p.grad is None for p in reward.parameters())  # the reward model is frozen
+
+
+def test_reward_loaders_refuse_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        evaluate.PickScoreReward(str(tmp_path / "nope"), str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        evaluate.ClipReward("ViT-B-32", str(tmp_path / "nope.pt"))
+
+
+def test_clip_preprocess_matches_the_processor(pickscore_dirs):
+    """Our differentiable preprocessing equals transformers' CLIPImageProcessor on the same image (resize + crop +
+    normalise), up to the resampling implementation."""
+    from transformers import AutoProcessor
+    proc = AutoProcessor.from_pretrained(pickscore_dirs[1], local_files_only=True)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 64), indexing="ij")
+    img = torch.stack([torch.sin(3 * xx + yy), torch.cos(2 * yy), xx * yy * 2 - 1])[None].clamp(-1, 1)  # smooth
+    pil = (((img[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+    theirs = proc(images=pil, return_tensors="pt")["pixel_values"]
+    ours = evaluate.clip_preprocess(((torch.from_numpy(pil).permute(2, 0, 1)[None].float() / 127.5) - 1), 32)
+    assert ours.shape == theirs.shape == (1, 3, 32, 32)
+    # PIL's and torch's bicubic (and the rounding of the resized width) differ slightly; a layout error does not:
+    assert (ours - theirs).abs().mean() < 0.04
+    assert (ours.flip(-1) - theirs).abs().mean() > 0.2 and (ours.flip(1) - theirs).abs().mean() > 0.2
+
+
+@pytest.fixture(scope="module")
+def toy_student(tmp_path_factory):
+    torch.manual_seed(0)
+    m = randomize_(mar.MAR(**data.TOY_MODEL), std=0.02)
+    path = tmp_path_factory.mktemp("student") / "checkpoint-last.pth"
+    mar.save_checkpoint(str(path), {"model": m.state_dict(), "model_ema": m.state_dict()})
+    return str(path)
+
+
+def test_toy_rl_run_logs_regularises_and_selects(toy_student, tmp_path):
+    out = str(tmp_path / "rl")
+    rl_refine.main(["--preset", "toy", "--student", toy_student, "--out-dir", out, "--max-steps", "4",
+                    "--eval-every", "2", "--log-every", "1", "--eval-images", "40", "--global-batch-size", "4",
+                    "--classifier", str(tmp_path / "clf.pt"), "--lr", "1e-4"])
+    recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    train = [r for r in recs if "reward" in r]
+    assert len(train) == 4 and all(r["reward"] <= 0 for r in train)  # log-probabilities
+    assert train[0]["penalty"] == 0.0 and train[-1]["penalty"] > 0     # policy == frozen start at step 1 only
+    assert sum("heldout_reward" in r for r in recs) == 3               # start, step 2, step 4
+    report = json.load(open(os.path.join(out, "eval.json")))
+    assert report["best"]["toy_fid"] <= 1.3 * report["start"]["toy_fid"]
+    best = mar.load_checkpoint(os.path.join(out, "checkpoint-best.pth"))
+    assert best["step"] == report["best"]["step"]
+    mar.load_mar(os.path.join(out, "checkpoint-last.pth"), mar.MAR(**data.TOY_MODEL))  # loads like any MAR
+    assert os.path.exists(os.path.join(out, "reward_vs_fid.png"))

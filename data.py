@@ -206,6 +206,14 @@ def epoch_batches(n_items, global_batch, world, rank, seed, epoch):
     return perm[: steps * global_batch].reshape(steps, world, global_batch // world)[:, rank]
 
 
+def epoch_loader(dataset, step, steps_per_epoch, global_batch, world, rank, seed, workers, device):
+    """DataLoader over the rest of the epoch that `step` falls in (a resumed run starts at the exact batch)."""
+    epoch, in_epoch = divmod(step, steps_per_epoch)
+    batches = epoch_batches(len(dataset), global_batch, world, rank, seed, epoch)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches[in_epoch:].tolist(), num_workers=workers,
+                                       pin_memory=device.type == "cuda")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # `python data.py cache`: MAR's latent cache
 # ----------------------------------------------------------------------------------------------------------------

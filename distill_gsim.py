@@ -50,7 +50,6 @@ import argparse
 import copy
 import json
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -229,12 +228,7 @@ def gsim_step(teacher, student, aux, latents, labels, opt_g, opt_a, args, gen, t
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = mar.setup_distributed(args.device)
-    if args.global_batch_size % world:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
-    bsz = args.global_batch_size // world
-    os.makedirs(args.out_dir, exist_ok=True)
-    mar.print0(f"out dir: {os.path.abspath(args.out_dir)}; {world} process(es) on {device}, batch {bsz} each")
+    rank, world, device, bsz = mar.start_run(args)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     # -- data ------------------------------------------------------------------------------------------------------
@@ -284,19 +278,12 @@ def main(argv=None):
 
     # -- loop ------------------------------------------------------------------------------------------------------
     last = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if mar.is_main() else None
-    bar = None
-    if mar.is_main():
-        from tqdm import tqdm
-        bar = tqdm(total=last, initial=step, desc="distill_gsim", dynamic_ncols=True)
+    log = mar.RunLog(args.out_dir, last, step, "distill_gsim")
     aux.train()
-    t0, window = time.time(), []
     workers = 0 if args.preset == "toy" else args.num_workers
     while step < last:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        batches = data.epoch_batches(len(dataset), args.global_batch_size, world, rank, args.seed, epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[in_epoch:].tolist(),
-                                             num_workers=workers, pin_memory=device.type == "cuda")
+        loader = data.epoch_loader(dataset, step, steps_per_epoch, args.global_batch_size, world, rank, args.seed,
+                                   workers, device)
         for xb, yb in loader:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             gen = torch.Generator(device).manual_seed(mar.step_seed(args.seed, rank, step))
@@ -305,25 +292,17 @@ def main(argv=None):
             stats = gsim_step(teacher, student, aux, latents, yb, opt_g, opt_a, args, gen, trainable, precision)
             step += 1
             mar.update_ema(student_ema, student, args.ema_rate)
-            window.append(stats)
-            if bar is not None:
-                bar.update(1)
+            log.add(stats)
             if step % args.log_every == 0 or step == last:
-                rec = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
-                rec.update(step=step, total=last, sec_per_step=(time.time() - t0) / len(window))
+                extra = {}
                 if evaluator is not None and ((args.eval_every and step % args.eval_every == 0) or step == last):
-                    rec.update(student_metrics(student_ema, evaluator, args))
-                if mar.is_main():
-                    bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                t0, window = time.time(), []
+                    extra = student_metrics(student_ema, evaluator, args)
+                log.flush(step, total=last, **extra)
             if step % args.save_every == 0 or step == last:
                 save()
             if step >= last:
                 break
-    if bar is not None:
-        bar.close()
+    log.close()
     mar.assert_ranks_agree(student)
 
     # -- toy: teacher (100 head steps, guided like the distillation target) vs one-step student --------------------
@@ -334,8 +313,6 @@ def main(argv=None):
         for who in ("teacher", "student"):
             mar.print0(f"{who:8s} " + ", ".join(f"{k} {v:.4g}" for k, v in report[who].items()))
         mar.print0(f"speedup {report['speedup']:.1f}x; real-split FID floor {report['real_split_fid']:.3f}")
-    if log is not None:
-        log.close()
     mar.cleanup_distributed()
 
 

@@ -293,6 +293,9 @@ def load_inception(path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# The toy's "Inception": FID needs a feature space in which realistic images cluster; for 16x16 digits a small CNN
+# trained to classify them gives one. It is trained only on the training split, so the held-out digits it serves as
+# reference statistics for were never seen. Its logits double as the toy IS and as the RL reward (log p(digit)).
 class ToyClassifier(nn.Module):
     """Small CNN on (B, 1, 16, 16) digits in [-1, 1]: `features` (B, 128) for FID, `forward` logits (B, 10)."""
 
@@ -505,6 +508,8 @@ class ClipReward(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# The command line reads what sample.py writes (or any ADM-format file), checks it, and reports each metric for which
+# the needed local files were given.
 def load_samples(path):
     """uint8 (N, H, W, C) and labels (or None) from an ADM-style .npz or a folder of PNGs."""
     if os.path.isdir(path):
@@ -518,6 +523,7 @@ def load_samples(path):
             if "arr_0" not in d:
                 raise ValueError(f"{path!r} has no 'arr_0' (expected the ADM format: uint8 (N, H, W, 3))")
             arr, labels = d["arr_0"], (d["labels"] if "labels" in d else None)
+    # Floats would be silently rescaled differently by every tool; ADM's evaluator and torch-fidelity take uint8.
     if arr.dtype != np.uint8:
         raise ValueError(f"samples must be uint8 in [0, 255], got {arr.dtype} (save rounded uint8, not floats)")
     arr = arr[..., None] if arr.ndim == 3 else arr
@@ -553,6 +559,7 @@ def inception_features(arr, inception, device, batch=50):
 
 
 def main(argv=None):
+    """Parse the flags, load the samples, compute the metrics that the given files allow, print and save them."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", required=True, help="ADM-format .npz (arr_0 uint8 NHWC [+ labels]) or a PNG folder")
     p.add_argument("--toy", action="store_true", help="toy digits: toy FID / IS / accuracy with the toy classifier")

@@ -20,10 +20,10 @@ Quick use:
     latents = model.sample_tokens(4, num_iter=64, labels=..., one_step=True)                     # MARVAL
     images = vae.decode(latents / 0.2325)
 """
+import json
 import math
 import os
-import random
-from functools import partial
+import time
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 # MAR's KL-16 latents are multiplied by this before the transformer ("normalize the std of latent to be 1").
 VAE_SCALE = 0.2325
@@ -38,9 +39,7 @@ VAE_SCALE = 0.2325
 ONE_STEP_T = 400
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Transformer block (timm 0.9 `Block`, written out: pre-norm ViT block, exact GELU, qkv rows ordered q|k|v)
-# ----------------------------------------------------------------------------------------------------------------
+# ==== Transformer block (timm 0.9 `Block`, written out: pre-norm ViT block, exact GELU, qkv rows ordered q|k|v) ===
 
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, attn_drop=0.0, proj_drop=0.0):
@@ -174,9 +173,7 @@ class SimpleMLPAdaLN(nn.Module):
         return torch.cat([torch.cat([guided, guided]), rest], dim=1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Gaussian diffusion of the head (IDDPM, Nichol & Dhariwal 2021, arXiv:2102.09672, as used by MAR): only what MAR uses.
-# ----------------------------------------------------------------------------------------------------------------
+# ==== Gaussian diffusion of the head (IDDPM, Nichol & Dhariwal 2021, arXiv:2102.09672, as used by MAR): only what MAR uses. ===
 
 def cosine_betas(T=1000, max_beta=0.999):
     """IDDPM Eq. 17: alpha_bar(t) = f(t)/f(0), f(t) = cos(((t/T) + s)/(1 + s) * pi/2)^2, s = 0.008.
@@ -404,9 +401,7 @@ class DiffLoss(nn.Module):
         return x0.clamp(-1, 1) if clip_denoised else x0
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Masking helpers
-# ----------------------------------------------------------------------------------------------------------------
+# ==== Masking helpers ===========================================================================================
 
 def truncnorm_mask_ratio(mask_ratio_min, generator=None, device="cpu"):
     """One masking ratio from N(1, 0.25^2) truncated to [mask_ratio_min, 1] (MAR training), by inverse CDF.
@@ -463,9 +458,7 @@ def _randperm(bsz, n, gens, device):
     return torch.stack([torch.randperm(n, **kw) for _ in range(bsz)]).to(device)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# MAR
-# ----------------------------------------------------------------------------------------------------------------
+# ==== MAR =======================================================================================================
 
 class MAR(nn.Module):
     """Masked autoregressive model with a per-token diffusion head. Constructor keywords are the official ones."""
@@ -628,15 +621,10 @@ class MAR(nn.Module):
         mask = torch.ones(bsz, L, device=device)
         n_masked = L  # the same count in every row: the schedule is deterministic
         schedule = mask_schedule(L, num_iter)
-        steps = range(num_iter)
-        if progress:
-            from tqdm import tqdm
-            steps = tqdm(steps, desc="AR steps")
-        for step in steps:
+        for step in (tqdm(range(num_iter), desc="AR steps") if progress else range(num_iter)):
             n_pred, mask_len = schedule[step]
             # tokens leaving the mask set this step: the still-masked set is always a PREFIX of `orders`
-            still = torch.zeros(bsz, L, dtype=torch.bool, device=device)
-            still.scatter_(1, orders[:, : n_masked - n_pred], True)
+            still = torch.zeros(bsz, L, dtype=torch.bool, device=device).scatter_(1, orders[:, : n_masked - n_pred], True)
             to_pred = (mask > 0) & ~still  # (B, L)
             cfg_k = cfg_scale_at(cfg, L, mask_len, cfg_schedule) if cfg != 1.0 else 1.0
             # Noise for this step, drawn here so a generator decides it and checkpoint recomputation is exact.
@@ -681,9 +669,7 @@ class MAR(nn.Module):
         return torch.where(to_pred[..., None], new, tokens)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Presets: the released models (with their released heads) and small ones for tests and the toy
-# ----------------------------------------------------------------------------------------------------------------
+# ==== Presets: the released models (with their released heads) and small ones for tests and the toy =============
 
 def mar_tiny(**kw):
     """Tests and smoke runs: 2+2 blocks of width 64, head 2 x 96."""
@@ -716,9 +702,7 @@ def mar_huge(**kw):
 PRESETS = {"mar_tiny": mar_tiny, "mar_base": mar_base, "mar_large": mar_large, "mar_huge": mar_huge}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Loading, saving, EMA, distributed setup (shared by every stage)
-# ----------------------------------------------------------------------------------------------------------------
+# ==== Loading, saving, EMA, distributed setup (shared by every stage) ===========================================
 
 def read_checkpoint(path):
     """torch.load(weights_only=True) with errors that say what is wrong with the file."""
@@ -774,9 +758,7 @@ def save_checkpoint(path, obj):
             os.remove(tmp)
 
 
-def load_checkpoint(path):
-    """Read a checkpoint written by `save_checkpoint` (weights_only: our files hold tensors and plain types)."""
-    return read_checkpoint(path)
+load_checkpoint = read_checkpoint  # our own files hold tensors and plain types: weights_only=True reads them
 
 
 @torch.no_grad()
@@ -862,13 +844,55 @@ def print0(*args, **kw):
         print(*args, **kw, flush=True)
 
 
+def start_run(args):
+    """The common start of every stage: process group, per-rank batch (asserted to divide), output folder.
+    Returns (rank, world, device, per-rank batch)."""
+    rank, world, device = setup_distributed(args.device)
+    if args.global_batch_size % world:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
+    os.makedirs(args.out_dir, exist_ok=True)
+    print0(f"out dir: {os.path.abspath(args.out_dir)}; {world} process(es) on {device}, "
+           f"batch {args.global_batch_size // world} each")
+    return rank, world, device, args.global_batch_size // world
+
+
+class RunLog:
+    """Rank 0's tqdm bar and log.jsonl: `add(stats)` every step, `flush(step, **extra)` at each log interval
+    (one averaged record, printed as one line and appended to OUT_DIR/log.jsonl). Silent on other ranks."""
+
+    def __init__(self, out_dir, total, initial, desc, batch=None):
+        self.on, self.batch, self.window, self.t0 = is_main(), batch, [], time.time()
+        if self.on:
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+            self.file = open(os.path.join(out_dir, "log.jsonl"), "a")
+
+    def add(self, stats):
+        self.window.append(stats)
+        if self.on:
+            self.bar.update(1)
+
+    def flush(self, step, **extra):
+        rec = {k: sum(s[k] for s in self.window) / len(self.window) for k in self.window[0]} if self.window else {}
+        rec.update(step=step, sec_per_step=(time.time() - self.t0) / max(1, len(self.window)), **extra)
+        if self.batch:
+            rec["img_per_sec"] = self.batch / rec["sec_per_step"]
+        self.write(rec)
+        self.window, self.t0 = [], time.time()
+        return rec
+
+    def write(self, rec):
+        if self.on:
+            self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.on:
+            self.bar.close()
+            self.file.close()
+
+
 def step_seed(seed, rank, step):
     """One seed per (run seed, rank, step). The scripts re-seed their generators every step from it, so a run
     resumed at step n draws exactly what the uninterrupted run drew, with no RNG state to save."""
     return (seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)

@@ -29,10 +29,8 @@ import copy
 import json
 import math
 import os
-import time
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -124,12 +122,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------------
     # Setup
     # ------------------------------------------------------------------------------------------------------------
-    rank, world, device = mar.setup_distributed(args.device)
-    if args.global_batch_size % world:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
-    bsz = args.global_batch_size // world
-    os.makedirs(args.out_dir, exist_ok=True)
-    mar.print0(f"out dir: {os.path.abspath(args.out_dir)}; {world} process(es) on {device}, batch {bsz} each")
+    rank, world, device, bsz = mar.start_run(args)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     # ------------------------------------------------------------------------------------------------------------
@@ -178,20 +171,12 @@ def main(argv=None):
     # Loop
     # ------------------------------------------------------------------------------------------------------------
     last = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if mar.is_main() else None
-    bar = None
-    if mar.is_main():
-        from tqdm import tqdm
-        bar = tqdm(total=last, initial=step, desc="train_mar", dynamic_ncols=True)
+    log = mar.RunLog(args.out_dir, last, step, "train_mar", batch=args.global_batch_size)
     model.train()
-    t0, window = time.time(), []
     workers = 0 if args.preset == "toy" else args.num_workers
     while step < last:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        batches = data.epoch_batches(len(dataset), args.global_batch_size, world, rank, args.seed, epoch)
-        # the rest of this epoch's batches (a resumed run starts mid-epoch at the same position)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[in_epoch:].tolist(),
-                                             num_workers=workers, pin_memory=device.type == "cuda")
+        loader = data.epoch_loader(dataset, step, steps_per_epoch, args.global_batch_size, world, rank, args.seed,
+                                   workers, device)
         for xb, yb in loader:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             gen = torch.Generator(device).manual_seed(mar.step_seed(args.seed, rank, step))
@@ -212,25 +197,14 @@ def main(argv=None):
             step += 1
             rate = min(args.ema_rate, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_rate
             mar.update_ema(ema, model, rate)
-            window.append(loss.item())
-            if bar is not None:
-                bar.update(1)
+            log.add({"loss": loss.item(), "grad_norm": float(grad_norm)})
             if step % args.log_every == 0 or step == last:
-                dt = (time.time() - t0) / len(window)
-                rec = {"step": step, "total": last, "loss": sum(window) / len(window), "lr": lr,
-                       "grad_norm": float(grad_norm), "sec_per_step": dt, "img_per_sec": args.global_batch_size / dt}
-                if mar.is_main():
-                    bar.write(f"step {step}/{last} loss {rec['loss']:.4f} lr {lr:.2e} |g| {rec['grad_norm']:.2f} "
-                              f"{dt:.3f} s/step {rec['img_per_sec']:.0f} img/s")
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                t0, window = time.time(), []
+                log.flush(step, total=last, lr=lr)
             if step % args.save_every == 0 or step == last:
                 save()
             if step >= last:
                 break
-    if bar is not None:
-        bar.close()
+    log.close()
     mar.assert_ranks_agree(model)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -241,8 +215,6 @@ def main(argv=None):
         with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
             json.dump(result, f, indent=2)
         mar.print0("toy teacher: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)))
-    if log is not None:
-        log.close()
     mar.cleanup_distributed()
 
 

@@ -3,7 +3,6 @@ FID / IS against their own metric functions; the end-to-end FID of PNG folders a
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import evaluate
 

@@ -1,0 +1,159 @@
+"""The whole MARVAL pipeline on the bundled toy digits, on a CPU, in about ten minutes.
+
+    python demo.py                       # -> runs/demo/report.md, report.json, grid_*.png
+
+Stages (each is the real script, called in-process with --preset toy; a finished stage found in --out-dir is reused,
+an interrupted one resumes):
+  1. teacher:  train_mar.py    MAR on 16x16 digits (16 pixel tokens of 16 values), 100-step diffusion head
+  2. student:  distill_gsim.py GSIM distillation of the head into ONE step (MARVAL stage 1)
+  3. RL:       rl_refine.py    reward back-propagation through the K-step generation, reward = log p(digit | image)
+                               under the toy classifier, with the DRaFT+ regulariser and FID-bounded selection
+  4. evaluation of teacher / student / student+RL with the same labels, seeds and K: toy FID and IS (a CNN
+     trained on the training digits plays Inception; reference = the 397 held-out digits), class accuracy, reward,
+     seconds per image and speed-up over the teacher (timed at K = 4, 8, 16 with 200 images per call; the teacher
+     samples with 100 head steps and its CFG, the students one step at cfg 1). x0 is clipped to the pixel range.
+
+The table is written as markdown and JSON: {"teacher": {...}, "student": {...}, "student_rl": {...},
+"real_split_fid": FID between the two real splits (the floor), "speedup_by_k": {...}, "seconds": {...}}.
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+import data
+import distill_gsim
+import evaluate
+import mar
+import rl_refine
+import train_mar
+
+
+def stage_done(path, steps):
+    """A stage is finished when its checkpoint exists and reached the planned step count."""
+    return os.path.exists(path) and mar.load_checkpoint(path)["step"] >= steps
+
+
+def run_stages(args):
+    """Train / distill / refine unless already done in args.out_dir; returns the stage folders and their times."""
+    d = lambda name: os.path.join(args.out_dir, name)
+    clf = os.path.join(args.out_dir, "toy_classifier.pt")
+    seconds = {}
+    stages = [
+        ("teacher", train_mar.main, args.teacher_steps,
+         ["--preset", "toy", "--eval-images", "0", "--classifier", clf] + args.teacher_args),
+        ("student", distill_gsim.main, args.distill_steps,
+         ["--preset", "toy", "--teacher", os.path.join(d("teacher"), "checkpoint-last.pth"), "--eval-images", "0",
+          "--teacher-cfg", str(args.teacher_cfg), "--classifier", clf] + args.distill_args),
+        ("student_rl", rl_refine.main, args.rl_steps,
+         ["--preset", "toy", "--student", os.path.join(d("student"), "checkpoint-last.pth"), "--classifier", clf,
+          "--eval-images", str(args.rl_eval_images)] + args.rl_args),
+    ]
+    # Each stage script is called in-process through its own main(argv): the demo runs exactly the commands a user
+    # would type, with --resume so that an interrupted stage continues instead of starting again.
+    for name, fn, steps, argv in stages:
+        ckpt = os.path.join(d(name), "checkpoint-last.pth")
+        if stage_done(ckpt, steps):
+            print(f"[demo] {name}: reusing {ckpt}")
+            continue
+        print(f"[demo] {name}: {steps} steps -> {d(name)}")
+        t0 = time.time()
+        fn(argv + ["--out-dir", d(name), "--max-steps", str(steps), "--resume"])
+        seconds[name] = time.time() - t0
+    return d, clf, seconds
+
+
+def evaluate_all(args, d, clf):
+    """Teacher (100 head steps, CFG) vs student and student+RL (one step, cfg 1) on identical labels and seeds."""
+    ev = evaluate.ToyEvaluator(clf)
+    load = lambda path: mar.load_mar(path, mar.MAR(**data.TOY_MODEL), verbose=False).eval()
+    rl_ckpt = os.path.join(d("student_rl"), "checkpoint-best.pth")
+    models = {"teacher": (load(os.path.join(d("teacher"), "checkpoint-last.pth")), dict(cfg=args.teacher_cfg)),
+              "student": (load(os.path.join(d("student"), "checkpoint-last.pth")), dict(one_step=True)),
+              "student_rl": (load(rl_ckpt if os.path.exists(rl_ckpt) else os.path.join(d("student_rl"),
+                                                                                        "checkpoint-last.pth")),
+                             dict(one_step=True))}
+    # Quality: the same labels (0..9 cycling) and generator seeds for every model, so differences are the models'.
+    report = {}
+    for name, (model, kw) in models.items():
+        imgs, labels, _ = evaluate.sample_toy(model, args.eval_images, args.num_iter, seed=50_000, **kw)
+        evaluate.save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{name}.png"))
+        m = ev(imgs, labels)
+        with torch.no_grad():
+            reward = ev.log_prob(imgs, labels).mean().item()
+        report[name] = {"toy_fid": m["toy_fid"], "toy_is": m["toy_is"], "accuracy": m["accuracy"], "reward": reward}
+    # Speed: 200 images per call (MAR at K = 64 predicts ~4 of 256 tokens per step; K = 4 on 16 tokens is the toy's
+    # analogue), a warm-up call first, the best of two timed calls. The teacher pays 100 head steps per token and the
+    # CFG doubling of its batch; the students pay one head call and no doubling.
+    speed = {}
+    for K in (args.num_iter, *[k for k in (8, 16) if k != args.num_iter]):
+        sec = {}
+        for name, (model, kw) in models.items():
+            evaluate.sample_toy(model, 20, K, **kw)
+            sec[name] = min(evaluate.sample_toy(model, 200, K, seed=60_000 + r, **kw)[2] for r in range(2))
+        speed[K] = {name: sec["teacher"] / s for name, s in sec.items()}
+        speed[K]["teacher_sec_per_image"] = sec["teacher"]
+        speed[K]["student_sec_per_image"] = sec["student"]
+        if K == args.num_iter:
+            for name in models:
+                report[name]["sec_per_image"] = sec[name]
+                report[name]["speedup"] = sec["teacher"] / sec[name]
+    report["real_split_fid"] = ev.real_split_fid()
+    report["speedup_by_k"] = {str(k): v["student"] for k, v in speed.items()}
+    report["timing_by_k"] = {str(k): v for k, v in speed.items()}
+    report["settings"] = {"num_iter": args.num_iter, "eval_images": args.eval_images, "teacher_cfg": args.teacher_cfg,
+                          "teacher_diffusion_steps": 100, "threads": torch.get_num_threads()}
+    return report
+
+
+def write_report(report, seconds, out_dir):
+    """report.json (machine-readable, DESIGN section 10) and report.md (the table the README quotes)."""
+    report["seconds"] = seconds
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    rows = ["| model | toy FID | toy IS | accuracy | reward (log p) | s / image | speed-up |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in ("teacher", "student", "student_rl"):
+        r = report[name]
+        rows.append(f"| {name} | {r['toy_fid']:.2f} | {r['toy_is']:.2f} | {100 * r['accuracy']:.1f}% | "
+                    f"{r['reward']:.3f} | {r['sec_per_image']:.4f} | {r['speedup']:.1f}x |")
+    s = report["settings"]
+    md = "\n".join(["# MARVAL toy demo", "",
+                    f"K = {s['num_iter']} AR iterations, {s['eval_images']} images per model (labels 0-9 cycling, "
+                    f"identical seeds); teacher: {s['teacher_diffusion_steps']} head steps, cfg {s['teacher_cfg']}; "
+                    f"students: 1 head step, cfg 1; {s['threads']} threads.", "", *rows, "",
+                    f"FID between the two real splits (the floor): {report['real_split_fid']:.2f}.", "",
+                    "Student speed-up by K: " + ", ".join(f"K={k}: {v:.1f}x" for k, v in report["speedup_by_k"].items()),
+                    "", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""])
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", default="runs/demo")
+    p.add_argument("--teacher-steps", type=int, default=4000)
+    p.add_argument("--distill-steps", type=int, default=500)
+    p.add_argument("--rl-steps", type=int, default=100)
+    p.add_argument("--teacher-cfg", type=float, default=1.2, help="the guided teacher GSIM distills (MAR convention)")
+    p.add_argument("--num-iter", type=int, default=4, help="AR iterations K for evaluation")
+    p.add_argument("--eval-images", type=int, default=400)
+    p.add_argument("--rl-eval-images", type=int, default=400)
+    p.add_argument("--teacher-args", nargs="*", default=[], help="extra flags for train_mar.py")
+    p.add_argument("--distill-args", nargs="*", default=[], help="extra flags for distill_gsim.py")
+    p.add_argument("--rl-args", nargs="*", default=[], help="extra flags for rl_refine.py")
+    args = p.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    t0 = time.time()
+    d, clf, seconds = run_stages(args)
+    report = evaluate_all(args, d, clf)
+    seconds["total"] = time.time() - t0
+    write_report(report, seconds, args.out_dir)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ The table is written as markdown and JSON: {"teacher": {...}, "student": {...}, 
 import argparse
 import json
 import os
+import shlex
 import time
 
 import torch
@@ -92,7 +93,8 @@ def evaluate_all(args, d, clf):
         sec = {}
         for name, (model, kw) in models.items():
             evaluate.sample_toy(model, 20, K, **kw)
-            sec[name] = min(evaluate.sample_toy(model, 200, K, seed=60_000 + r, **kw)[2] for r in range(2))
+            sec[name] = min(evaluate.sample_toy(model, args.timing_images, K, seed=60_000 + r, **kw)[2]
+                            for r in range(2))
         speed[K] = {name: sec["teacher"] / s for name, s in sec.items()}
         speed[K]["teacher_sec_per_image"] = sec["teacher"]
         speed[K]["student_sec_per_image"] = sec["student"]
@@ -142,10 +144,13 @@ def main(argv=None):
     p.add_argument("--num-iter", type=int, default=4, help="AR iterations K for evaluation")
     p.add_argument("--eval-images", type=int, default=400)
     p.add_argument("--rl-eval-images", type=int, default=400)
-    p.add_argument("--teacher-args", nargs="*", default=[], help="extra flags for train_mar.py")
-    p.add_argument("--distill-args", nargs="*", default=[], help="extra flags for distill_gsim.py")
-    p.add_argument("--rl-args", nargs="*", default=[], help="extra flags for rl_refine.py")
+    p.add_argument("--timing-images", type=int, default=200, help="images per timed sampling call")
+    p.add_argument("--teacher-args", default="", help="extra flags for train_mar.py, one string: --teacher-args='--lr 1e-3'")
+    p.add_argument("--distill-args", default="", help="extra flags for distill_gsim.py, one string")
+    p.add_argument("--rl-args", default="", help="extra flags for rl_refine.py, one string")
     args = p.parse_args(argv)
+    args.teacher_args, args.distill_args, args.rl_args = map(shlex.split, (args.teacher_args, args.distill_args,
+                                                                         args.rl_args))
     os.makedirs(args.out_dir, exist_ok=True)
     t0 = time.time()
     d, clf, seconds = run_stages(args)

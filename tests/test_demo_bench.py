@@ -1,0 +1,38 @@
+"""demo.py's pipeline with a few steps per stage (its numbers are measured by running it, not here), and bench.py's
+output structure. No timing assertions: speed lives in bench.py runs."""
+import json
+import os
+
+import bench
+import demo
+
+
+def test_demo_pipeline_runs_and_reuses_finished_stages(tmp_path, capsys):
+    argv = ["--out-dir", str(tmp_path), "--teacher-steps", "3", "--distill-steps", "2", "--rl-steps", "2",
+            "--eval-images", "20", "--rl-eval-images", "20", "--timing-images", "10",
+            "--rl-args=--eval-every 1 --global-batch-size 4"]
+    report = demo.main(argv)
+    for name in ("teacher", "student", "student_rl"):
+        assert {"toy_fid", "toy_is", "accuracy", "reward", "sec_per_image", "speedup"} <= set(report[name])
+        assert os.path.exists(tmp_path / f"grid_{name}.png")
+    assert report["teacher"]["speedup"] == 1.0 and report["real_split_fid"] > 0
+    assert set(report["speedup_by_k"]) == {"4", "8", "16"}
+    assert json.load(open(tmp_path / "report.json"))["student"]["toy_fid"] == report["student"]["toy_fid"]
+    assert "| student_rl |" in open(tmp_path / "report.md").read()
+    capsys.readouterr()
+    demo.main(argv)  # a second run trains nothing
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 3
+
+
+def test_bench_reports_the_documented_keys(tmp_path):
+    out = bench.main(["--model", "mar_tiny", "--num-iter", "2", "--repeats", "1", "--num-diffusion-steps", "5",
+                      "--json", str(tmp_path / "b.json")])
+    keys = {"model", "device", "batch", "num_iter", "teacher_sec_per_image", "student_sec_per_image", "speedup",
+            "lower_bound_sec_per_image", "student_over_lower_bound"}
+    assert keys <= set(out) and keys <= set(json.load(open(tmp_path / "b.json")))
+    assert all(out[k] > 0 for k in ("teacher_sec_per_image", "student_sec_per_image", "lower_bound_sec_per_image"))
+    mem = bench.main(["--rl-memory", "2", "4", "--rl-model", "mar_tiny", "--rl-batch", "2"])
+    assert [(r["num_iter"], r["checkpoint_steps"]) for r in mem["rl_memory"]] == [(2, False), (2, True), (4, False),
+                                                                               (4, True)]
+    assert all(r["peak_mib"] >= 0 for r in mem["rl_memory"])

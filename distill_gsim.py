@@ -100,7 +100,7 @@ def aux_dsm_loss(aux_net, x0, c, diffusion, generator=None):
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
-TOY_DEFAULTS = dict(global_batch_size=64, lr_g=1e-4, lr_aux=1e-4, ema_rate=0.99, grad_clip=1.0, epochs=100,
+TOY_DEFAULTS = dict(global_batch_size=64, lr_g=1e-4, lr_aux=1e-4, ema_rate=0.99, grad_clip=1.0, epochs=30,
                     log_every=25, save_every=250, eval_every=250)
 
 

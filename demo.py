@@ -38,19 +38,25 @@ def stage_done(path, steps):
 
 
 def run_stages(args):
-    """Train / distill / refine unless already done in args.out_dir; returns the stage folders and their times."""
+    """Train / distill / refine unless already done in args.out_dir; returns the stage folders and their times.
+
+    The teacher and the student get whole schedules (--epochs: the cosine learning rate reaches its end), not a run
+    cut short; a toy epoch is 1,400 // 64 = 21 steps."""
     d = lambda name: os.path.join(args.out_dir, name)
     clf = os.path.join(args.out_dir, "toy_classifier.pt")
+    per_epoch = len(data.toy_digits("train")[1]) // 64
     seconds = {}
     stages = [
-        ("teacher", train_mar.main, args.teacher_steps,
-         ["--preset", "toy", "--eval-images", "0", "--classifier", clf] + args.teacher_args),
-        ("student", distill_gsim.main, args.distill_steps,
+        ("teacher", train_mar.main, args.teacher_epochs * per_epoch,
+         ["--preset", "toy", "--epochs", str(args.teacher_epochs), "--eval-images", "0", "--classifier", clf]
+         + args.teacher_args),
+        ("student", distill_gsim.main, args.distill_epochs * per_epoch,
          ["--preset", "toy", "--teacher", os.path.join(d("teacher"), "checkpoint-last.pth"), "--eval-images", "0",
-          "--teacher-cfg", str(args.teacher_cfg), "--classifier", clf] + args.distill_args),
+          "--epochs", str(args.distill_epochs), "--teacher-cfg", str(args.teacher_cfg), "--classifier", clf]
+         + args.distill_args),
         ("student_rl", rl_refine.main, args.rl_steps,
          ["--preset", "toy", "--student", os.path.join(d("student"), "checkpoint-last.pth"), "--classifier", clf,
-          "--eval-images", str(args.rl_eval_images)] + args.rl_args),
+          "--max-steps", str(args.rl_steps), "--eval-images", str(args.rl_eval_images)] + args.rl_args),
     ]
     # Each stage script is called in-process through its own main(argv): the demo runs exactly the commands a user
     # would type, with --resume so that an interrupted stage continues instead of starting again.
@@ -61,7 +67,7 @@ def run_stages(args):
             continue
         print(f"[demo] {name}: {steps} steps -> {d(name)}")
         t0 = time.time()
-        fn(argv + ["--out-dir", d(name), "--max-steps", str(steps), "--resume"])
+        fn(argv + ["--out-dir", d(name), "--resume"])
         seconds[name] = time.time() - t0
     return d, clf, seconds
 
@@ -137,9 +143,9 @@ def write_report(report, seconds, out_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default="runs/demo")
-    p.add_argument("--teacher-steps", type=int, default=4000)
-    p.add_argument("--distill-steps", type=int, default=500)
-    p.add_argument("--rl-steps", type=int, default=100)
+    p.add_argument("--teacher-epochs", type=int, default=95, help="toy epochs of 21 steps (train_mar's own: 190)")
+    p.add_argument("--distill-epochs", type=int, default=30)
+    p.add_argument("--rl-steps", type=int, default=150)
     p.add_argument("--teacher-cfg", type=float, default=1.2, help="the guided teacher GSIM distills (MAR convention)")
     p.add_argument("--num-iter", type=int, default=4, help="AR iterations K for evaluation")
     p.add_argument("--eval-images", type=int, default=400)

@@ -8,7 +8,7 @@ import demo
 
 
 def test_demo_pipeline_runs_and_reuses_finished_stages(tmp_path, capsys):
-    argv = ["--out-dir", str(tmp_path), "--teacher-steps", "3", "--distill-steps", "2", "--rl-steps", "2",
+    argv = ["--out-dir", str(tmp_path), "--teacher-epochs", "1", "--distill-epochs", "1", "--rl-steps", "2",
             "--eval-images", "20", "--rl-eval-images", "20", "--timing-images", "10",
             "--rl-args=--eval-every 1 --global-batch-size 4"]
     report = demo.main(argv)

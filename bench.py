@@ -18,7 +18,6 @@ CPU by default (threads: torch's default, printed), CUDA when present with bf16 
     python bench.py --rl-memory 8 16 32 64            # toy-sized model, batch 4
 """
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -29,6 +28,7 @@ import torch
 
 import data
 import mar
+from evaluate import print_and_save
 
 
 def timed(fn, device, repeats):
@@ -159,13 +159,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device)
     out = rl_memory(args, device) if args.rl_memory else speed(args, device)
-    for k, v in out.items():
-        if k != "rl_memory":
-            print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return out
+    return print_and_save(out, args.json)
 
 
 if __name__ == "__main__":

@@ -182,18 +182,21 @@ def make_grid(images, nrow):
 
 
 def training_source(args, device):
-    """(dataset of (x, label), to_latents(x, generator) -> MAR latents (B, C, H, W)) from the common flags:
-    --preset toy (pixel tokens), --cached-path (posterior moments -> a fresh sample), or --data-path + --vae
+    """(dataset of (x, label), to_latents(x, generator) -> MAR latents (B, C, H, W), steps per epoch) from the common
+    flags: --preset toy (pixel tokens), --cached-path (posterior moments -> a fresh sample), or --data-path + --vae
     (images encoded on the fly by the frozen VAE; random flips)."""
     if getattr(args, "preset", None) == "toy":
-        x, y = toy_digits("train")
-        return torch.utils.data.TensorDataset(x, y), (lambda xb, g: xb)
-    if args.cached_path:
-        tok = Tokenizer(None)
-        return CachedLatents(args.cached_path), tok.latents_from_moments
-    import vae as vae_lib
-    tok = Tokenizer(vae_lib.load_vae(args.vae).to(device).requires_grad_(False))
-    return ImageFolder(args.data_path, args.img_size, flip=True), tok.encode
+        dataset, to_latents = torch.utils.data.TensorDataset(*toy_digits("train")), (lambda xb, g: xb)
+    elif args.cached_path:
+        dataset, to_latents = CachedLatents(args.cached_path), Tokenizer(None).latents_from_moments
+    else:
+        import vae as vae_lib
+        tok = Tokenizer(vae_lib.load_vae(args.vae).to(device).requires_grad_(False))
+        dataset, to_latents = ImageFolder(args.data_path, args.img_size, flip=True), tok.encode
+    steps = len(dataset) // args.global_batch_size
+    if steps == 0:
+        raise ValueError(f"{len(dataset)} training items are fewer than one global batch ({args.global_batch_size})")
+    return dataset, to_latents, steps
 
 
 def epoch_batches(n_items, global_batch, world, rank, seed, epoch):

@@ -232,10 +232,7 @@ def main(argv=None):
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     # -- data ------------------------------------------------------------------------------------------------------
-    dataset, to_latents = data.training_source(args, device)
-    steps_per_epoch = len(dataset) // args.global_batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} training items are fewer than one global batch ({args.global_batch_size})")
+    dataset, to_latents, steps_per_epoch = data.training_source(args, device)
     total_steps = args.epochs * steps_per_epoch
 
     # -- models: frozen teacher, student (a full MAR: teacher transformer + student head), auxiliary head ----------

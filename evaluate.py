@@ -612,10 +612,16 @@ def main(argv=None):
                     x = torch.from_numpy(arr[i: i + args.batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
                     vals.append(fn(x.to(args.device), torch.from_numpy(labels[i: i + args.batch_size])).cpu())
             out[name] = torch.cat(vals).mean().item()
+    return print_and_save(out, args.json)
+
+
+def print_and_save(out, json_path=None):
+    """One line per number (nested tables skipped), and the whole dict as JSON when a path is given."""
     for k, v in out.items():
-        print(f"{k:22s} {v:.4f}" if isinstance(v, float) else f"{k:22s} {v}")
-    if args.json:
-        with open(args.json, "w") as f:
+        if not isinstance(v, (list, dict)):
+            print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(out, f, indent=2)
     return out
 

@@ -128,10 +128,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------------
     # Data: every source yields (x, label) where x becomes MAR latents (B, C, H, W) in `to_latents`
     # ------------------------------------------------------------------------------------------------------------
-    dataset, to_latents = data.training_source(args, device)
-    steps_per_epoch = len(dataset) // args.global_batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} training items are fewer than one global batch ({args.global_batch_size})")
+    dataset, to_latents, steps_per_epoch = data.training_source(args, device)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
 

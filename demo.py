@@ -133,7 +133,8 @@ def write_report(report, seconds, out_dir):
                     f"identical seeds); teacher: {s['teacher_diffusion_steps']} head steps, cfg {s['teacher_cfg']}; "
                     f"students: 1 head step, cfg 1; {s['threads']} threads.", "", *rows, "",
                     f"FID between the two real splits (the floor): {report['real_split_fid']:.2f}.", "",
-                    "Student speed-up by K: " + ", ".join(f"K={k}: {v:.1f}x" for k, v in report["speedup_by_k"].items()),
+                    "Student speed-up by K: "
+                    + ", ".join(f"K={k}: {v:.1f}x" for k, v in report["speedup_by_k"].items()),
                     "", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""])
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(md)
@@ -151,7 +152,8 @@ def main(argv=None):
     p.add_argument("--eval-images", type=int, default=400)
     p.add_argument("--rl-eval-images", type=int, default=400)
     p.add_argument("--timing-images", type=int, default=200, help="images per timed sampling call")
-    p.add_argument("--teacher-args", default="", help="extra flags for train_mar.py, one string: --teacher-args='--lr 1e-3'")
+    p.add_argument("--teacher-args", default="", help="extra flags for train_mar.py, one string: "
+                                                            "--teacher-args='--lr 1e-3'")
     p.add_argument("--distill-args", default="", help="extra flags for distill_gsim.py, one string")
     p.add_argument("--rl-args", default="", help="extra flags for rl_refine.py, one string")
     args = p.parse_args(argv)

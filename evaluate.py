@@ -137,7 +137,8 @@ class InceptionA(nn.Module):  # 35x35 blocks Mixed_5b/c/d: 1x1 | 1x1-5x5 | 1x1-3
     def __init__(self, cin, pool_features):
         super().__init__()
         self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch5x5_1, self.branch5x5_2 = BasicConv2d(cin, 48, kernel_size=1), BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
         self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
         self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
         self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
@@ -184,7 +185,8 @@ class InceptionC(nn.Module):  # 17x17 blocks Mixed_6b..e with factorised 1x7 / 7
 class InceptionD(nn.Module):  # Mixed_7a, 17 -> 8
     def __init__(self, cin):
         super().__init__()
-        self.branch3x3_1, self.branch3x3_2 = BasicConv2d(cin, 192, kernel_size=1), BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
         self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
         self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
         self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
@@ -564,12 +566,12 @@ def main(argv=None):
     p.add_argument("--samples", required=True, help="ADM-format .npz (arr_0 uint8 NHWC [+ labels]) or a PNG folder")
     p.add_argument("--toy", action="store_true", help="toy digits: toy FID / IS / accuracy with the toy classifier")
     p.add_argument("--classifier", default="runs/toy_classifier.pt", help="toy classifier cache (trained if absent)")
-    p.add_argument("--ref-stats", default=None, help="reference .npz (VIRTUAL_imagenet256_labeled.npz: mu, sigma, arr_0)")
+    p.add_argument("--ref-stats", default=None, help="reference .npz (ADM's VIRTUAL_imagenet256_labeled.npz)")
     p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--clip-model", default=None, help="open_clip architecture name for the CLIP score, e.g. ViT-H-14")
     p.add_argument("--clip-weights", default=None, help="local open_clip weights file")
     p.add_argument("--pickscore-model", default=None, help="local directory of yuvalkirstain/PickScore_v1")
-    p.add_argument("--pickscore-processor", default=None, help="local directory of laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    p.add_argument("--pickscore-processor", default=None, help="local dir of laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write the numbers here")
@@ -601,7 +603,8 @@ def main(argv=None):
             raise ValueError("CLIP score / PickScore need the class labels stored in the .npz")
         scorers = {}
         if args.pickscore_model:
-            scorers["pickscore"] = PickScoreReward(args.pickscore_model, args.pickscore_processor or args.pickscore_model)
+            processor = args.pickscore_processor or args.pickscore_model
+            scorers["pickscore"] = PickScoreReward(args.pickscore_model, processor)
         if args.clip_model:
             scorers["clip_score"] = ClipReward(args.clip_model, args.clip_weights)
         for name, fn in scorers.items():

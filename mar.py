@@ -173,7 +173,7 @@ class SimpleMLPAdaLN(nn.Module):
         return torch.cat([torch.cat([guided, guided]), rest], dim=1)
 
 
-# ==== Gaussian diffusion of the head (IDDPM, Nichol & Dhariwal 2021, arXiv:2102.09672, as used by MAR): only what MAR uses. ===
+# ==== Gaussian diffusion of the head (IDDPM, Nichol & Dhariwal 2021, arXiv:2102.09672): only what MAR uses ====
 
 def cosine_betas(T=1000, max_beta=0.999):
     """IDDPM Eq. 17: alpha_bar(t) = f(t)/f(0), f(t) = cos(((t/T) + s)/(1 + s) * pi/2)^2, s = 0.008.
@@ -452,10 +452,8 @@ def _randn(shape, gens, device):
 
 def _randperm(bsz, n, gens, device):
     """(B, n) random orders: one permutation per image."""
-    if isinstance(gens, (list, tuple)):
-        return torch.stack([torch.randperm(n, generator=g, device=g.device) for g in gens]).to(device)
-    kw = {"generator": gens, "device": gens.device} if gens is not None else {}
-    return torch.stack([torch.randperm(n, **kw) for _ in range(bsz)]).to(device)
+    gens = gens if isinstance(gens, (list, tuple)) else [gens] * bsz  # a shared generator is drawn from B times
+    return torch.stack([torch.randperm(n, generator=g, device=g.device if g else "cpu") for g in gens]).to(device)
 
 
 # ==== MAR =======================================================================================================
@@ -545,7 +543,8 @@ class MAR(nn.Module):
     # -- transformer ------------------------------------------------------------------------------------------------
     def _run(self, blocks, x):
         for blk in blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() else blk(x)
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
+                else blk(x)
         return x
 
     def forward_mae_encoder(self, x, mask, class_embedding, generator=None):
@@ -624,7 +623,8 @@ class MAR(nn.Module):
         for step in (tqdm(range(num_iter), desc="AR steps") if progress else range(num_iter)):
             n_pred, mask_len = schedule[step]
             # tokens leaving the mask set this step: the still-masked set is always a PREFIX of `orders`
-            still = torch.zeros(bsz, L, dtype=torch.bool, device=device).scatter_(1, orders[:, : n_masked - n_pred], True)
+            still = torch.zeros(bsz, L, dtype=torch.bool, device=device)
+            still.scatter_(1, orders[:, : n_masked - n_pred], True)
             to_pred = (mask > 0) & ~still  # (B, L)
             cfg_k = cfg_scale_at(cfg, L, mask_len, cfg_schedule) if cfg != 1.0 else 1.0
             # Noise for this step, drawn here so a generator decides it and checkpoint recomputation is exact.
@@ -637,7 +637,8 @@ class MAR(nn.Module):
                 noise = noise.permute(1, 0, 2, 3).reshape(S + 1, bsz * n_pred, C)  # [0] = x_T, [1:] per reverse step
             if step_callback is not None:
                 step_callback(step, tokens, mask, to_pred, noise)
-            args = (tokens, mask, to_pred, labels, noise, cfg_k, temperature, num_diffusion_steps, one_step, clip_denoised)
+            args = (tokens, mask, to_pred, labels, noise, cfg_k, temperature, num_diffusion_steps, one_step,
+                    clip_denoised)
             track = grad_steps is None or step >= num_iter - grad_steps
             with torch.set_grad_enabled(torch.is_grad_enabled() and track):
                 if checkpoint_steps and torch.is_grad_enabled():
@@ -777,7 +778,8 @@ def setup_distributed(device=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
         if device.type == "cuda":
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)

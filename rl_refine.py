@@ -93,7 +93,7 @@ def get_args(argv=None):
     g.add_argument("--save-every", type=int, default=100)
     g.add_argument("--eval-every", type=int, default=100, help="held-out reward (and toy FID) every N steps")
     g.add_argument("--eval-images", type=int, default=400, help="held-out set: fixed labels and seeds")
-    g.add_argument("--fid-bound", type=float, default=1.3, help="toy: best = max held-out reward with FID <= bound x start")
+    g.add_argument("--fid-bound", type=float, default=1.3, help="toy: best held-out reward with FID <= bound x start")
     args = p.parse_args(argv)
     if args.preset == "toy":
         p.set_defaults(**TOY_DEFAULTS)
@@ -176,7 +176,8 @@ def held_out(model, tokenizer, reward_fn, evaluator, args, device, clip):
                                   generator=gens)
         imgs.append(tokenizer.decode(lat))
     imgs = torch.cat(imgs)
-    out = {"heldout_reward": torch.cat([reward_fn(x, lb) for x, lb in zip(imgs.split(100), labels.split(100))]).mean().item()}
+    rewards = torch.cat([reward_fn(x, lb) for x, lb in zip(imgs.split(100), labels.split(100))])
+    out = {"heldout_reward": rewards.mean().item()}
     if evaluator is not None:
         m = evaluator(imgs, labels)
         out.update(heldout_accuracy=m["accuracy"], toy_fid=m["toy_fid"])

@@ -151,7 +151,8 @@ def main(argv=None):
         labelled_grid(arr, labels.numpy(), os.path.join(args.out_dir, "grid.png"))
         result = {"num_images": args.num_images, "world_size": world, "seconds": elapsed,
                   "images_per_sec": done * world / elapsed, "sec_per_image_per_process": elapsed / done,
-                  "one_step": args.one_step, "num_iter": args.num_iter, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
+                  "one_step": args.one_step, "num_iter": args.num_iter, "cfg": args.cfg,
+                  "cfg_schedule": args.cfg_schedule,
                   "num_diffusion_steps": None if args.one_step else args.num_diffusion_steps,
                   "temperature": args.temperature, "device": str(device), "precision": precision, "ckpt": args.ckpt}
         with open(args.json or os.path.join(args.out_dir, "sample.json"), "w") as f:

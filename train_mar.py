@@ -139,7 +139,8 @@ def main(argv=None):
     model = build_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
-    mar.print0(f"MAR: {n_params / 1e6:.2f}M parameters ({sum(p.numel() for p in model.diffloss.parameters()) / 1e6:.2f}M"
+    n_head = sum(p.numel() for p in model.diffloss.parameters())
+    mar.print0(f"MAR: {n_params / 1e6:.2f}M parameters ({n_head / 1e6:.2f}M"
                f" in the head); {total_steps} steps of {args.global_batch_size} ({args.epochs} epochs)")
     # MAR's weight decay: only matrices outside the diffusion head (no biases, norms, or head weights)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias") and "diffloss" not in n]

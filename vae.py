@@ -175,7 +175,8 @@ class DiagonalGaussian:
 
     def sample(self, generator=None):
         """mean + std * eps. MAR trains on SAMPLES of the posterior (not the mode), times 0.2325."""
-        kw = {"generator": generator, "device": generator.device} if generator is not None else {"device": self.mean.device}
+        kw = {"generator": generator, "device": generator.device} if generator is not None else {}
+        kw.setdefault("device", self.mean.device)
         return self.mean + self.std * torch.randn(self.mean.shape, **kw).to(self.mean.device)
 
     def mode(self):

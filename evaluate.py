@@ -534,13 +534,17 @@ def load_samples(path):
     return arr, labels
 
 
-def reference_stats(path, inception, device, batch):
+def reference_stats(path, inception, device, batch, image_shape=None):
     """(mu, sigma, features or None) from a reference .npz: ADM's mu/sigma if present, else computed from arr_0;
-    features (for precision/recall) whenever arr_0 is there."""
+    features (for precision/recall) whenever arr_0 is there. With `image_shape` (H, W, C) of the samples, a reference
+    batch of another image size is an error (FID at 256 against 512 statistics is meaningless)."""
     with np.load(path) as d:
         keys = set(d.files)
         if not ({"mu", "sigma"} <= keys or "arr_0" in keys):
             raise ValueError(f"reference {path!r} has neither mu/sigma nor arr_0")
+        if image_shape is not None and "arr_0" in keys and d["arr_0"].shape[1:3] != tuple(image_shape[:2]):
+            raise ValueError(f"samples are {tuple(image_shape[:2])} images but the reference batch {path!r} holds "
+                             f"{d['arr_0'].shape[1:3]}: sample at the reference's resolution")
         feats = inception_features(d["arr_0"], inception, device, batch)[0] if "arr_0" in keys else None
         if {"mu", "sigma"} <= keys:
             return d["mu"], d["sigma"], feats
@@ -591,7 +595,8 @@ def main(argv=None):
             raise ValueError(f"{len(arr)} samples are too few for FID / IS (10 splits); FID-50K uses 50,000")
         inception = load_inception(args.inception_weights).to(args.device)
         feats, logits = inception_features(arr, inception, args.device, args.batch_size)
-        mu_r, sigma_r, ref_feats = reference_stats(args.ref_stats, inception, args.device, args.batch_size)
+        mu_r, sigma_r, ref_feats = reference_stats(args.ref_stats, inception, args.device, args.batch_size,
+                                                   arr.shape[1:])
         if mu_r.shape != (2048,):
             raise ValueError(f"reference mu has shape {mu_r.shape}; expected (2048,) pool_3 statistics")
         out["fid"] = frechet_distance(*feature_stats(feats), mu_r, sigma_r)

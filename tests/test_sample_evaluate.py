@@ -121,6 +121,10 @@ def test_evaluate_errors(tmp_path):
                        "--inception-weights", str(tmp_path / "w.pth")])
     with pytest.raises(ValueError, match="no .png"):
         evaluate.load_samples(str(tmp_path))
+    np.savez(tmp_path / "ref64.npz", arr_0=np.zeros((12, 64, 64, 3), np.uint8))
+    np.savez(tmp_path / "s32.npz", arr_0=np.zeros((12, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="reference's resolution"):
+        evaluate.reference_stats(str(tmp_path / "ref64.npz"), None, "cpu", 4, (32, 32, 3))
 
 
 def test_precision_recall_analytic():

@@ -21,6 +21,9 @@ toy FID), and on the toy reward_vs_fid.png (the trade-off over training) and eva
 
     # toy, CPU, a few minutes (after distill_gsim.py --preset toy)
     python rl_refine.py --preset toy --student runs/toy_student/checkpoint-last.pth --out-dir runs/toy_rl
+    # ImageNet with PickScore, one GPU
+    python rl_refine.py --student marval_base.pth --vae kl16.ckpt --model mar_base --reward pickscore \
+        --pickscore-model PickScore_v1/ --pickscore-processor CLIP-ViT-H-14/ --global-batch-size 2 --out-dir runs/rl_b
     # ImageNet with PickScore, 8 GPUs (paper: K = 64, AdamW lr 5e-6, 2 per GPU, EMA 0.9999, 5 epochs)
     torchrun --nproc_per_node=8 rl_refine.py --student marval_base.pth --vae kl16.ckpt --model mar_base \
         --reward pickscore --pickscore-model PickScore_v1/ --pickscore-processor CLIP-ViT-H-14/ --out-dir runs/rl_b

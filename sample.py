@@ -15,6 +15,8 @@ default OUT_DIR/sample.json) with images/s.
     # the MAR-B teacher the official way: 256 AR steps x 100 diffusion steps, linear CFG 2.9
     torchrun --nproc_per_node=8 sample.py --ckpt mar_base/checkpoint-last.pth --vae kl16.ckpt --model mar_base \
         --num-images 50000 --num-iter 256 --num-diffusion-steps 100 --cfg 2.9 --out-dir samples/mar_b
+    # one GPU: the same flags without torchrun
+    python sample.py --ckpt marval_base.pth --vae kl16.ckpt --model mar_base --num-images 1000 --one-step --out-dir s/
     # toy digits on a CPU
     python sample.py --preset toy --ckpt runs/toy_student/checkpoint-last.pth --one-step --num-images 400 \
         --num-iter 4 --out-dir samples/toy_student

@@ -59,3 +59,12 @@ def test_two_process_rl_run_keeps_ranks_identical(teacher, tmp_path):
                                   "--classifier", str(tmp_path / "clf.pt")])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ranks agree: all 2 processes" in r.stdout + r.stderr
+
+
+def test_train_transformer_also_moves_the_transformer(teacher, tmp_path):
+    out = str(tmp_path / "tt")
+    distill_gsim.main(FAST + ["--teacher", teacher, "--out-dir", out, "--max-steps", "2", "--train-transformer"])
+    ck, t = mar.load_checkpoint(os.path.join(out, "checkpoint-last.pth")), mar.load_checkpoint(teacher)["model_ema"]
+    assert not torch.equal(ck["model"]["encoder_blocks.0.attn.qkv.weight"], t["encoder_blocks.0.attn.qkv.weight"])
+    assert not torch.equal(ck["model"]["diffloss.net.final_layer.linear.weight"],
+                           t["diffloss.net.final_layer.linear.weight"])

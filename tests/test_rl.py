@@ -99,18 +99,11 @@ def test_clip_preprocess_matches_the_processor(pickscore_dirs):
     assert (ours.flip(-1) - theirs).abs().mean() > 0.2 and (ours.flip(1) - theirs).abs().mean() > 0.2
 
 
-@pytest.fixture(scope="module")
-def toy_student(tmp_path_factory):
-    torch.manual_seed(0)
-    m = randomize_(mar.MAR(**data.TOY_MODEL), std=0.02)
-    path = tmp_path_factory.mktemp("student") / "checkpoint-last.pth"
-    mar.save_checkpoint(str(path), {"model": m.state_dict(), "model_ema": m.state_dict()})
-    return str(path)
 
 
-def test_toy_rl_run_logs_regularises_and_selects(toy_student, tmp_path):
+def test_toy_rl_run_logs_regularises_and_selects(toy_ckpt, tmp_path):
     out = str(tmp_path / "rl")
-    rl_refine.main(["--preset", "toy", "--student", toy_student, "--out-dir", out, "--max-steps", "4",
+    rl_refine.main(["--preset", "toy", "--student", toy_ckpt, "--out-dir", out, "--max-steps", "4",
                     "--eval-every", "2", "--log-every", "1", "--eval-images", "40", "--global-batch-size", "4",
                     "--classifier", str(tmp_path / "clf.pt"), "--lr", "1e-4"])
     recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]

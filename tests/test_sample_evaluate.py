@@ -7,22 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import evaluate
-import mar
 import sample
-from conftest import randomize_
 from test_train_mar import torchrun
 
 
-@pytest.fixture(scope="module")
-def toy_ckpt(tmp_path_factory):
-    """A toy MAR with random (non-zero) weights in the official checkpoint format."""
-    torch.manual_seed(0)
-    m = randomize_(mar.MAR(**data.TOY_MODEL), std=0.02)
-    path = tmp_path_factory.mktemp("ck") / "checkpoint-last.pth"
-    mar.save_checkpoint(str(path), {"model": m.state_dict(), "model_ema": m.state_dict()})
-    return str(path)
 
 
 def run_sample(ckpt, out, extra=()):

@@ -11,7 +11,7 @@ Reads: the toy digits (--preset toy), a class-folder dataset + the KL-16 VAE (--
 model + model_ema, plus optimizer / step / args), log.jsonl, and for the toy grid.png (one row per class) and
 eval.json (toy FID / IS / accuracy of teacher samples).
 
-    # toy, CPU: 8,000 steps, ~22 min on 2 cores (toy FID 2.9x the real-split floor at K = 16); --epochs 190 halves it
+    # toy, CPU: 8,000 steps, ~15 min on 2 cores (toy FID 2.7x the real-split floor at K = 16); --epochs 190 halves it
     python train_mar.py --preset toy --out-dir runs/toy_teacher
     # ImageNet, 1 GPU / 8 GPUs (MAR-B recipe: 800 epochs at global batch 2048 in the paper; lr = blr * batch / 256)
     python train_mar.py --model mar_base --data-path IMAGENET/train --vae kl16.ckpt --out-dir runs/mar_base

@@ -616,8 +616,7 @@ class MAR(nn.Module):
         if labels is not None and len(labels) != bsz:
             raise ValueError(f"labels has {len(labels)} entries for a batch of {bsz}")
         orders = self.sample_orders(bsz, generator, device)
-        tokens = torch.zeros(bsz, L, C, device=device)
-        mask = torch.ones(bsz, L, device=device)
+        tokens, mask = torch.zeros(bsz, L, C, device=device), torch.ones(bsz, L, device=device)
         n_masked = L  # the same count in every row: the schedule is deterministic
         schedule = mask_schedule(L, num_iter)
         for step in (tqdm(range(num_iter), desc="AR steps") if progress else range(num_iter)):
@@ -833,6 +832,7 @@ def assert_ranks_agree(model):
 
 def cleanup_distributed():
     if dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another is still in a collective (gloo aborts)
         dist.destroy_process_group()
 
 

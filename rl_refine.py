@@ -42,7 +42,6 @@ import argparse
 import copy
 import json
 import os
-import time
 
 import torch
 from PIL import Image, ImageDraw
@@ -217,13 +216,8 @@ def plot_tradeoff(history, path):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = mar.setup_distributed(args.device)
-    if args.global_batch_size % world:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
-    bsz = args.global_batch_size // world
-    os.makedirs(args.out_dir, exist_ok=True)
-    mar.print0(f"out dir: {os.path.abspath(args.out_dir)}; {world} process(es) on {device}, batch {bsz} each")
-    toy, clip = args.preset == "toy", args.preset == "toy"  # the toy's pixel tokens are clipped to [-1, 1]
+    rank, world, device, bsz = mar.start_run(args)
+    toy = clip = args.preset == "toy"  # the toy's pixel tokens are clipped to [-1, 1]
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     # -- models: policy (trained), frozen reference (the start), EMA -------------------------------------------------
@@ -253,11 +247,11 @@ def main(argv=None):
         step, history, best = ck["step"], ck["history"], ck["best"]
         mar.print0(f"resumed from {ckpt_path} at step {step}")
 
-    def save(path, extra=None):
+    def save(path):
         if mar.is_main():
             mar.save_checkpoint(path, {"model": policy.state_dict(), "model_ema": ema.state_dict(),
                                        "optimizer": opt.state_dict(), "step": step, "args": vars(args),
-                                       "history": history, "best": best, **(extra or {})})
+                                       "history": history, "best": best})
 
     def evaluate_now():
         nonlocal best
@@ -275,16 +269,9 @@ def main(argv=None):
         return rec
 
     # -- loop ------------------------------------------------------------------------------------------------------
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if mar.is_main() else None
+    log = mar.RunLog(args.out_dir, total, step, "rl_refine")
     if step == 0 and args.eval_every and mar.is_main():
-        rec = evaluate_now()
-        mar.print0("start: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()))
-        log.write(json.dumps(rec) + "\n")
-    bar = None
-    if mar.is_main():
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, desc="rl_refine", dynamic_ncols=True)
-    t0, window = time.time(), []
+        log.write(evaluate_now())  # the start: held-out reward (and toy FID) before any update
     while step < total:
         g = torch.Generator().manual_seed(mar.step_seed(args.seed, rank, step))
         labels = torch.randint(0, n_classes, (bsz,), generator=g).to(device)
@@ -293,23 +280,15 @@ def main(argv=None):
             stats = rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, trainable, args, clip)
         step += 1
         mar.update_ema(ema, policy, args.ema_rate)
-        window.append(stats)
-        if bar is not None:
-            bar.update(1)
+        log.add(stats)
         if step % args.log_every == 0 or step == total:
-            rec = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
-            rec.update(step=step, total=total, sec_per_step=(time.time() - t0) / len(window))
+            extra = {}
             if args.eval_every and (step % args.eval_every == 0 or step == total) and mar.is_main():
-                rec.update(evaluate_now())
-            if mar.is_main():
-                bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-            t0, window = time.time(), []
+                extra = {k: v for k, v in evaluate_now().items() if k != "step"}
+            log.flush(step, total=total, **extra)
         if step % args.save_every == 0 or step == total:
             save(ckpt_path)
-    if bar is not None:
-        bar.close()
+    log.close()
     mar.assert_ranks_agree(policy)
     if mar.is_main() and history:
         plot_tradeoff(history, os.path.join(args.out_dir, "reward_vs_fid.png"))
@@ -317,8 +296,6 @@ def main(argv=None):
         with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
             json.dump(report, f, indent=2)
         mar.print0(f"start {history[0]}\nbest  {best}\nlast  {history[-1]}")
-    if log is not None:
-        log.close()
     mar.cleanup_distributed()
 
 

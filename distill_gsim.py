@@ -102,8 +102,8 @@ def aux_dsm_loss(aux_net, x0, c, diffusion, generator=None):
 
 # Toy: 60 epochs = 1,260 steps (~3 min). Measured on the default toy teacher at K = 4 (README): the student's FID
 # was still falling at 30 epochs (1.39x the teacher's) and reached 1.21x at 60.
-TOY_DEFAULTS = dict(global_batch_size=64, lr_g=1e-4, lr_aux=1e-4, ema_rate=0.99, grad_clip=1.0, epochs=60,
-                    log_every=25, save_every=250, eval_every=250)
+TOY_DEFAULTS = dict(out_dir="runs/toy_student", global_batch_size=64, lr_g=1e-4, lr_aux=1e-4, ema_rate=0.99,
+                    grad_clip=1.0, epochs=60, log_every=25, save_every=250, eval_every=250)
 
 
 def get_args(argv=None):
@@ -112,7 +112,7 @@ def get_args(argv=None):
     g.add_argument("--preset", choices=["toy"], default=None, help="the bundled toy digits (CPU-sized defaults)")
     g.add_argument("--model", choices=list(mar.PRESETS), default="mar_base", help="architecture of --teacher")
     g.add_argument("--teacher", required=True, help="MAR checkpoint (official or train_mar.py's); EMA weights used")
-    g.add_argument("--out-dir", required=True)
+    g.add_argument("--out-dir", default=None, help="--preset toy: runs/toy_student")
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint-last.pth if present")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many generator steps in all")
     g.add_argument("--seed", type=int, default=1)
@@ -157,6 +157,8 @@ def get_args(argv=None):
         p.error("give --preset toy, or --data-path (with --vae) or --cached-path")
     if not 0 <= args.t_min < args.t_max <= 999:
         p.error("need 0 <= --t-min < --t-max <= 999")
+    if args.out_dir is None:
+        p.error("--out-dir is required: the folder for checkpoint-last.pth and log.jsonl")
     return args
 
 

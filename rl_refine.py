@@ -54,8 +54,8 @@ import mar
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
-TOY_DEFAULTS = dict(reward="toy", num_iter=4, global_batch_size=32, lr=2e-6, ema_rate=0.0, reg_weight=1.0,
-                    max_steps=150, eval_every=25, log_every=5, save_every=25)
+TOY_DEFAULTS = dict(out_dir="runs/toy_rl", reward="toy", num_iter=4, global_batch_size=32, lr=2e-6, ema_rate=0.0,
+                    reg_weight=1.0, max_steps=150, eval_every=25, log_every=5, save_every=25)
 
 
 def get_args(argv=None):
@@ -65,7 +65,7 @@ def get_args(argv=None):
     g.add_argument("--model", choices=list(mar.PRESETS), default="mar_base")
     g.add_argument("--student", required=True, help="MAR-format checkpoint of the distilled student (EMA weights)")
     g.add_argument("--vae", default=None, help="local kl16.ckpt (ImageNet)")
-    g.add_argument("--out-dir", required=True)
+    g.add_argument("--out-dir", default=None, help="--preset toy: runs/toy_rl")
     g.add_argument("--resume", action="store_true")
     g.add_argument("--max-steps", type=int, default=None, help="default: --epochs passes over the 1000 prompts")
     g.add_argument("--seed", type=int, default=1)
@@ -102,6 +102,8 @@ def get_args(argv=None):
         args = p.parse_args(argv)
     elif not args.vae:
         p.error("--vae (the local kl16.ckpt) is needed to decode images for the reward")
+    if args.out_dir is None:
+        p.error("--out-dir is required: the folder for checkpoint-last.pth and log.jsonl")
     if args.reward == "pickscore" and not args.pickscore_model:
         p.error("--reward pickscore needs --pickscore-model (and --pickscore-processor) local directories")
     if args.reward == "clip" and not args.clip_weights:

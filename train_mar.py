@@ -40,8 +40,9 @@ import mar
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
-TOY_DEFAULTS = dict(global_batch_size=64, lr=1e-3, lr_schedule="cosine", min_lr=1e-5, warmup_epochs=5, epochs=380,
-                    weight_decay=0.02, ema_rate=0.999, ema_warmup=True, grad_clip=3.0, log_every=50, save_every=500)
+TOY_DEFAULTS = dict(out_dir="runs/toy_teacher", global_batch_size=64, lr=1e-3, lr_schedule="cosine", min_lr=1e-5,
+                    warmup_epochs=5, epochs=380, weight_decay=0.02, ema_rate=0.999, ema_warmup=True, grad_clip=3.0,
+                    log_every=50, save_every=500)
 
 
 def get_args(argv=None):
@@ -49,7 +50,7 @@ def get_args(argv=None):
     g = p.add_argument_group("setup")
     g.add_argument("--preset", choices=["toy"], default=None, help="the bundled toy digits with a ~1.5M-param MAR")
     g.add_argument("--model", choices=list(mar.PRESETS), default="mar_base", help="architecture (ignored by --preset)")
-    g.add_argument("--out-dir", required=True, help="checkpoint-last.pth, log.jsonl and samples go here")
+    g.add_argument("--out-dir", default=None, help="checkpoint, log.jsonl, samples (toy: runs/toy_teacher)")
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint-last.pth if present")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
     g.add_argument("--seed", type=int, default=1)
@@ -94,6 +95,8 @@ def get_args(argv=None):
         p.error("give --preset toy, or --data-path (with --vae) or --cached-path")
     if args.data_path and not args.vae:
         p.error("--data-path needs --vae (the local kl16.ckpt) to encode images")
+    if args.out_dir is None:
+        p.error("--out-dir is required: the folder for checkpoint-last.pth and log.jsonl")
     return args
 
 

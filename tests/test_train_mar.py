@@ -71,6 +71,21 @@ def test_bad_arguments(tmp_path):
         train_mar.main(["--preset", "toy", "--out-dir", str(tmp_path), "--global-batch-size", "5000"])
 
 
+def test_toy_out_dirs_default_and_real_runs_must_name_one(capsys):
+    import distill_gsim
+    import rl_refine
+    assert train_mar.get_args(["--preset", "toy"]).out_dir == "runs/toy_teacher"
+    assert distill_gsim.get_args(["--preset", "toy", "--teacher", "t.pth"]).out_dir == "runs/toy_student"
+    assert rl_refine.get_args(["--preset", "toy", "--student", "s.pth"]).out_dir == "runs/toy_rl"
+    assert train_mar.get_args(["--preset", "toy", "--out-dir", "mine"]).out_dir == "mine"
+    for parse, argv in ((train_mar.get_args, ["--cached-path", "c"]),
+                        (distill_gsim.get_args, ["--teacher", "t.pth", "--cached-path", "c"]),
+                        (rl_refine.get_args, ["--student", "s.pth", "--vae", "kl16.ckpt"])):
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert "--out-dir is required" in capsys.readouterr().err
+
+
 def torchrun(script, args, nproc=2, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script] + args

@@ -1,5 +1,7 @@
 """distill_gsim.py end to end on the toy: the step keeps the teacher and aux frozen, the student checkpoint is a MAR,
 resume is exact, and a 2-process gloo run keeps the ranks identical."""
+import json
+import math
 import os
 
 import torch
@@ -12,8 +14,6 @@ from test_train_mar import torchrun
 FAST = ["--preset", "toy", "--global-batch-size", "8", "--eval-images", "0", "--log-every", "1", "--save-every", "2"]
 
 
-
-
 def test_only_the_student_head_moves(toy_ckpt, tmp_path):
     out = str(tmp_path / "s")
     distill_gsim.main(FAST + ["--teacher", toy_ckpt, "--out-dir", out, "--max-steps", "3"])
@@ -23,6 +23,11 @@ def test_only_the_student_head_moves(toy_ckpt, tmp_path):
     assert any(not torch.equal(ck["model"][k], t[k]) for k in head)                # the one-step head was trained
     assert all(torch.equal(ck["model"][k], t[k]) for k in t if k not in head)      # the transformer was not
     assert any(not torch.equal(ck["aux"][k[len("diffloss.net."):]], t[k]) for k in head)  # the aux was trained
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:  # generator loss, aux loss and |y| statistics, finite, every logged step
+        assert all(math.isfinite(r[k]) for k in ("loss_g", "loss_aux", "y_mean", "y_max", "grad_norm_g")), r
+        assert 0 < r["y_mean"] <= r["y_max"]
     student = mar.load_mar(os.path.join(out, "checkpoint-last.pth"), mar.MAR(**data.TOY_MODEL))  # a plain MAR
     x = student.sample_tokens(2, num_iter=2, labels=torch.tensor([1, 2]), one_step=True)
     assert x.shape == (2, 1, 16, 16) and torch.isfinite(x).all()

@@ -782,6 +782,9 @@ def setup_distributed(device=None):
         if device.type == "cuda":
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)
+        # Before init: torch.optim imports torch._dynamo -> torch.distributed._shard, which, imported after init,
+        # keeps the group alive past destroy (torch 2.14); gloo threads then outlived it and sometimes aborted at exit.
+        import torch._dynamo as _dynamo  # noqa: F401  (`as`: a bare import would shadow the name torch here)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return rank, world, device
     return 0, 1, device
@@ -812,15 +815,12 @@ def all_reduce_grads(params, bucket=2 ** 25):
 
 @torch.no_grad()
 def assert_ranks_agree(model):
-    """DDP sanity check: every rank holds exactly rank 0's weights (per-tensor sum and sum of squares, float64).
-
-    Raises on any difference; a no-op in a single process. The training scripts call it at the end of a run.
-    """
+    """DDP sanity check at the end of every training run: every rank holds exactly rank 0's weights (per-tensor sum
+    and sum of squares, float64); raises on any difference, a no-op in a single process."""
     if not dist.is_initialized():
         return
     params = list(model.parameters())
     mine = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params])  # (P, 2)
-    mine = mine.to(params[0].device)
     ref = mine.clone()
     dist.broadcast(ref, src=0)
     bad = (mine != ref).any(dim=1).nonzero().flatten().tolist()

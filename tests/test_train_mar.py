@@ -98,3 +98,30 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ranks agree: all 2 processes" in r.stdout + r.stderr
     assert mar.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["step"] == 3
+
+
+GLOO_EXIT_CHECK = """
+import glob, sys
+sys.path.insert(0, {root!r})
+import torch
+import mar
+mar.setup_distributed()
+torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())  # imports torch._dynamo (and torch.distributed._shard)
+mar.cleanup_distributed()
+left = [n for n in (open(f).read().strip() for f in glob.glob("/proc/self/task/*/comm")) if "gloo" in n]
+print("gloo threads after cleanup:", left, flush=True)
+sys.exit(1 if left else 0)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc to list threads")
+def test_cleanup_frees_the_gloo_group_before_interpreter_exit(tmp_path):
+    """destroy_process_group must really free the gloo group: threads left for interpreter teardown aborted a rank
+    at exit now and then ('terminate called without an active exception'). Importing torch.distributed._shard
+    after init_process_group (torch.optim does, through torch._dynamo) kept it alive; setup_distributed imports it
+    first. Without that import this test fails every time (checked)."""
+    script = tmp_path / "gloo_exit.py"
+    script.write_text(GLOO_EXIT_CHECK.format(root=str(ROOT)))
+    r = torchrun(str(script), [])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "gloo threads after cleanup: []" in r.stdout

@@ -101,15 +101,15 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
 
 
 GLOO_EXIT_CHECK = """
-import glob, sys
+import glob, os, sys
 sys.path.insert(0, {root!r})
 import torch
 import mar
-mar.setup_distributed()
+rank = mar.setup_distributed()[0]
 torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())  # imports torch._dynamo (and torch.distributed._shard)
 mar.cleanup_distributed()
 left = [n for n in (open(f).read().strip() for f in glob.glob("/proc/self/task/*/comm")) if "gloo" in n]
-print("gloo threads after cleanup:", left, flush=True)
+os.write(1, f"rank {{rank}}: gloo threads after cleanup: {{left}}\\n".encode())  # one write: ranks do not interleave
 sys.exit(1 if left else 0)
 """
 
@@ -124,4 +124,4 @@ def test_cleanup_frees_the_gloo_group_before_interpreter_exit(tmp_path):
     script.write_text(GLOO_EXIT_CHECK.format(root=str(ROOT)))
     r = torchrun(str(script), [])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "gloo threads after cleanup: []" in r.stdout
+    assert r.stdout.count("gloo threads after cleanup: []") == 2, r.stdout

@@ -99,8 +99,6 @@ def test_clip_preprocess_matches_the_processor(pickscore_dirs):
     assert (ours.flip(-1) - theirs).abs().mean() > 0.2 and (ours.flip(1) - theirs).abs().mean() > 0.2
 
 
-
-
 def test_toy_rl_run_logs_regularises_and_selects(toy_ckpt, tmp_path):
     out = str(tmp_path / "rl")
     rl_refine.main(["--preset", "toy", "--student", toy_ckpt, "--out-dir", out, "--max-steps", "4",

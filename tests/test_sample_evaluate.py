@@ -12,8 +12,6 @@ import sample
 from test_train_mar import torchrun
 
 
-
-
 def run_sample(ckpt, out, extra=()):
     sample.main(["--preset", "toy", "--ckpt", ckpt, "--num-images", "20", "--num-iter", "3", "--batch-size", "4",
                  "--out-dir", out, *extra])

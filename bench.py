@@ -7,6 +7,8 @@ batch and K:
   * lower bound = K encoder+decoder passes at the same batch with no head and no CFG: the time a one-step student
     cannot go below without touching the transformer. student / lower bound near 1 means the head is no longer the
     bottleneck; MARVAL's speed-up then comes from removing 100 head steps AND the CFG doubling.
+  * --gsim-memory: peak memory of one GSIM distillation step (mask ratio 1, the worst case) at two or more small
+    batches (--batches), extrapolated along the fitted line to --per-gpu images (the paper: 64 per GPU).
   * --rl-memory K1 K2 ...: peak memory of one RL step (sample with gradients + backward) at each K, with and without
     per-AR-step checkpointing (each measured in a fresh process on CPU: peak RSS growth; on CUDA: max allocated).
 
@@ -16,6 +18,7 @@ CPU by default (threads: torch's default, printed), CUDA when present with bf16 
     python bench.py --model mar_base --batch 1 --num-iter 16 --json bench_base_cpu.json
     python bench.py --model mar_huge --batch 64 --num-iter 64 --device cuda
     python bench.py --rl-memory 8 16 32 64            # toy-sized model, batch 4
+    python bench.py --gsim-memory --model mar_huge --per-gpu 64 --json gsim_mem_h.json   # fits an 80 GB GPU?
 """
 import argparse
 import os
@@ -143,6 +146,62 @@ def rl_memory(args, device):
     return {"rl_model": args.rl_model, "rl_batch": args.rl_batch, "rl_memory": rows}
 
 
+def gsim_step_peak(model_name, batch, flags, device):
+    """Peak memory (GiB) of one GSIM step (distill_gsim.gsim_step: contexts, student, generator loss, aux updates,
+    optimizer states created) at `batch` images with the mask ratio forced to 1 (every token generated: the worst
+    case), random weights. CUDA: max allocated. CPU: peak resident set of this (fresh) process above what it held
+    after `import torch`, i.e. weights + optimizer states + activations, not the interpreter."""
+    import distill_gsim
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    torch.manual_seed(0)
+    args = distill_gsim.get_args(["--teacher", "-", "--cached-path", "-", "--out-dir", "-", "--model", model_name,
+                                  "--mask-ratio", "1"] + list(flags))
+    teacher = build(model_name).to(device).eval().requires_grad_(False)
+    student, head, ema, aux, trainable, opt_g, opt_a = distill_gsim.build_gsim(teacher, args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    h = w = teacher.seq_h * teacher.patch_size
+    latents = torch.randn(batch, teacher.vae_embed_dim, h, w, device=device)
+    labels = torch.arange(batch, device=device) % teacher.class_num
+    gen = torch.Generator(device).manual_seed(0)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    distill_gsim.gsim_step(teacher, head, aux, latents, labels, opt_g, opt_a, args, gen, trainable, precision, student)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2 ** 20  # KiB -> GiB
+
+
+def gsim_memory(args, device):
+    """Peak of one GSIM step at each of `--batches` (>= 2 sizes), and the straight line through them extrapolated
+    to `--per-gpu` images: predicted_peak_gib. Each point runs in a fresh process (CPU peaks only grow)."""
+    if len(args.batches) < 2:
+        raise ValueError("--gsim-memory needs at least two --batches to fit a line")
+    flags = args.gsim_flags.split()
+    points = []
+    for b in args.batches:
+        if device.type == "cuda":
+            gib = gsim_step_peak(args.model, b, flags, device)
+            torch.cuda.empty_cache()
+        else:
+            code = f"import bench, torch; print(bench.gsim_step_peak({args.model!r}, {b}, {flags!r}, torch.device('cpu')))"
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+            if res.returncode:
+                raise RuntimeError(res.stderr[-3000:])
+            gib = float(res.stdout.strip().splitlines()[-1])
+        points.append({"batch": b, "peak_gib": gib})
+        print(f"GSIM step, {args.model}, batch {b:3d}, mask ratio 1, flags [{args.gsim_flags}]: peak {gib:.2f} GiB")
+    # least-squares line peak = a + slope * batch
+    n = len(points)
+    mb, mp = sum(p["batch"] for p in points) / n, sum(p["peak_gib"] for p in points) / n
+    slope = sum((p["batch"] - mb) * (p["peak_gib"] - mp) for p in points) / sum((p["batch"] - mb) ** 2 for p in points)
+    fixed = mp - slope * mb
+    return {"model": args.model, "device": str(device), "threads": torch.get_num_threads(), "flags": args.gsim_flags,
+            "mask_ratio": 1.0, "points": points, "fixed_gib": fixed, "gib_per_image": slope,
+            "per_gpu": args.per_gpu, "predicted_peak_gib": fixed + slope * args.per_gpu}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mar_tiny", choices=list(mar.PRESETS) + ["toy"])
@@ -155,10 +214,17 @@ def main(argv=None):
     p.add_argument("--rl-memory", type=int, nargs="*", default=None, help="K values for the RL-step memory table")
     p.add_argument("--rl-model", default="toy", choices=list(mar.PRESETS) + ["toy"])
     p.add_argument("--rl-batch", type=int, default=4)
+    p.add_argument("--gsim-memory", action="store_true", help="peak memory of one GSIM step, extrapolated")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="--gsim-memory: measured batch sizes")
+    p.add_argument("--per-gpu", type=int, default=64, help="--gsim-memory: batch to predict (paper: 64 per GPU)")
+    p.add_argument("--gsim-flags", default="--grad-checkpointing", help="--gsim-memory: distill_gsim.py flags")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    out = rl_memory(args, device) if args.rl_memory else speed(args, device)
+    if args.gsim_memory:
+        out = gsim_memory(args, device)
+    else:
+        out = rl_memory(args, device) if args.rl_memory else speed(args, device)
     return print_and_save(out, args.json)
 
 

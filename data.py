@@ -78,16 +78,22 @@ class ImageFolder(torch.utils.data.Dataset):
         x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, S, S) in [-1, 1]
         return x, label
 
-    def __getitem__(self, i):
+    # The loader passes (index, flip) pairs drawn from the epoch's seeded generator (`epoch_batches`), so a flip
+    # depends on (seed, epoch, index) and not on a DataLoader worker's unseeded RNG: --resume is exact.
+    seeded_flip = True
+
+    def __getitem__(self, item):
+        i, flip = item if isinstance(item, (tuple, list)) else (item, False)
         x, label = self.load(i)
-        if self.flip and torch.rand(()) < 0.5:
+        if self.flip and flip:
             x = x.flip(-1)
         return x, label
 
 
 class CachedLatents(torch.utils.data.Dataset):
     """Posterior moments written by `python data.py cache`: (moments (2C, h, w), class index). Each item is the
-    image or its mirror with probability 1/2 (MAR's CachedFolder); sample a latent with vae.DiagonalGaussian."""
+    image or its mirror, each with probability 1/2 (MAR's CachedFolder, but the coin comes from the seeded epoch
+    generator); sample a latent with vae.DiagonalGaussian."""
 
     def __init__(self, root):
         self.files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs if f.endswith(".npz"))
@@ -97,10 +103,12 @@ class CachedLatents(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
+    seeded_flip = True  # (index, flip) pairs from `epoch_batches`, as ImageFolder
+
+    def __getitem__(self, item):
+        i, flip = item if isinstance(item, (tuple, list)) else (item, False)
         with np.load(self.files[i]) as d:
-            key = "moments_flip" if torch.rand(()) < 0.5 else "moments"
-            return torch.from_numpy(d[key]), int(d["label"])
+            return torch.from_numpy(d["moments_flip" if flip else "moments"]), int(d["label"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,20 +209,29 @@ def training_source(args, device):
 
 
 def epoch_batches(n_items, global_batch, world, rank, seed, epoch):
-    """This rank's batches of dataset indices for one epoch, (steps, global_batch // world): a permutation seeded by
-    (seed, epoch), the last partial global batch dropped, rank r taking slot r of every global batch
+    """This rank's batches for one epoch: (indices, flips), each (steps, global_batch // world). A permutation
+    seeded by (seed, epoch), the last partial global batch dropped, rank r taking slot r of every global batch
     (DistributedSampler(shuffle=True, drop_last=True) semantics, but indexable, so a resumed run can start
-    mid-epoch at the exact batch)."""
+    mid-epoch at the exact batch); and one horizontal-flip coin per item from the same generator."""
     steps = n_items // global_batch
-    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 10_007 + epoch))
-    return perm[: steps * global_batch].reshape(steps, world, global_batch // world)[:, rank]
+    g = torch.Generator().manual_seed(seed * 10_007 + epoch)
+    perm = torch.randperm(n_items, generator=g)
+    flips = torch.rand(n_items, generator=g) < 0.5                                   # (n_items,), by dataset index
+    idx = perm[: steps * global_batch].reshape(steps, world, global_batch // world)[:, rank]
+    return idx, flips[idx]
 
 
 def epoch_loader(dataset, step, steps_per_epoch, global_batch, world, rank, seed, workers, device):
-    """DataLoader over the rest of the epoch that `step` falls in (a resumed run starts at the exact batch)."""
+    """DataLoader over the rest of the epoch that `step` falls in (a resumed run starts at the exact batch).
+    Datasets with `seeded_flip` get (index, flip) pairs; the others (the toy) plain indices."""
     epoch, in_epoch = divmod(step, steps_per_epoch)
-    batches = epoch_batches(len(dataset), global_batch, world, rank, seed, epoch)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches[in_epoch:].tolist(), num_workers=workers,
+    idx, flips = epoch_batches(len(dataset), global_batch, world, rank, seed, epoch)
+    idx, flips = idx[in_epoch:].tolist(), flips[in_epoch:].tolist()
+    if getattr(dataset, "seeded_flip", False):
+        batches = [list(zip(i, f)) for i, f in zip(idx, flips)]
+    else:
+        batches = idx
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                        pin_memory=device.type == "cuda")
 
 

@@ -90,8 +90,8 @@ def gsim_generator_loss(eps_teacher, eps_aux, noise, sigma, r=1e-5, path_weight=
 def aux_dsm_loss(aux_net, x0, c, diffusion, generator=None):
     """Denoising score matching of the auxiliary head on (detached) student tokens x0 (N, D), t ~ U{0..999}:
     E |eps_phi(x_t, t, c) - eps|^2, mean over the D values and the tokens (MAR's MSE term)."""
-    t = torch.randint(0, diffusion.num_timesteps, (len(x0),), device=x0.device, generator=generator)
-    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+    t = mar.randint(0, diffusion.num_timesteps, (len(x0),), generator, x0.device)
+    eps = mar.randn(x0.shape, generator, x0.device)
     out = aux_net(diffusion.q_sample(x0, t, eps), t, c)
     return F.mse_loss(out[:, : x0.shape[1]].float(), eps)
 
@@ -132,8 +132,10 @@ def get_args(argv=None):
     g.add_argument("--t-max", type=int, default=980)
     g.add_argument("--aux-steps", type=int, default=2, help="aux DSM updates per generator update")
     g.add_argument("--uniform-mask-prob", type=float, default=0.5, help="share of batches with a U(0,1] mask ratio")
+    g.add_argument("--mask-ratio", type=float, default=None, help="force one mask ratio (bench: 1.0, the worst case)")
     g.add_argument("--train-transformer", action="store_true", help="also train a student copy of the transformer")
-    g.add_argument("--grad-checkpointing", action="store_true")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute head blocks (teacher, student, aux) and student transformer blocks in backward")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30)
     g.add_argument("--lr-g", type=float, default=5e-6, help="student lr")
@@ -155,6 +157,12 @@ def get_args(argv=None):
         args = p.parse_args(argv)
     elif not (args.data_path or args.cached_path):
         p.error("give --preset toy, or --data-path (with --vae) or --cached-path")
+    if args.data_path and not args.vae and args.preset != "toy":
+        p.error("--data-path needs --vae (the local kl16.ckpt) to encode images")
+    if args.aux_steps < 1:
+        p.error("--aux-steps must be >= 1: the auxiliary net must keep tracking the student's distribution")
+    if args.mask_ratio is not None and not 0 < args.mask_ratio <= 1:
+        p.error("--mask-ratio must be in (0, 1]")
     if not 0 <= args.t_min < args.t_max <= 999:
         p.error("need 0 <= --t-min < --t-max <= 999")
     if args.out_dir is None:
@@ -167,22 +175,41 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def gsim_step(teacher, student, aux, latents, labels, opt_g, opt_a, args, gen, trainable, precision="fp32"):
-    """One generator update and `args.aux_steps` auxiliary updates on a batch of latents (B, C, H, W)."""
+def generator_loss_fp32(teacher_head, aux, x_t, t, c, c_null, eps, sigma, args):
+    """The generator loss with the teacher and auxiliary head calls (and so Delta) in fp32 whatever the autocast
+    around it: the pseudo-Huber gradient keeps only Delta / |Delta|, and eps_p, eps_phi rounded to bf16 before the
+    subtraction lose that direction as the student converges (DESIGN 11). Returns (loss, eps_p, eps_phi)."""
+    C = x_t.shape[-1]
+    with torch.autocast(x_t.device.type, enabled=False):
+        x_t, c, c_null = x_t.float(), c.float(), c_null.float()
+        eps_p = mar.guided_eps(teacher_head, x_t, t, c, c_null, args.teacher_cfg)[:, :C]   # (mN, C)
+        eps_phi = aux(x_t, t, c)[:, :C]                                                     # (mN, C)
+        return gsim_generator_loss(eps_p, eps_phi, eps, sigma, args.r, args.path_weight), eps_p, eps_phi
+
+
+def gsim_step(teacher, student_head, aux, latents, labels, opt_g, opt_a, args, gen, trainable, precision="fp32",
+              student=None):
+    """One generator update and `args.aux_steps` auxiliary updates on a batch of latents (B, C, H, W).
+
+    teacher: the frozen MAR (its transformer gives the contexts, its head the guided target eps_p). student_head:
+    the one-step head g_theta being trained. student: with --train-transformer, the student's own MAR (whose head
+    is `student_head`), else None (head-only: the teacher's transformer is shared, no copy of it is kept).
+    """
     device, C = latents.device, teacher.token_embed_dim
     diff = teacher.diffloss.train_diffusion
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     # 1. contexts: random order, one mask ratio for the batch, conditions from the frozen teacher transformer
     gt = teacher.patchify(latents)                                                    # (B, L, C)
     orders = teacher.sample_orders(len(gt), gen, device)
-    uniform = torch.rand((), generator=gen, device=device).item() < args.uniform_mask_prob
-    ratio = 1.0 - torch.rand((), generator=gen, device=device).item() if uniform else None  # U(0, 1]
+    ratio = args.mask_ratio  # None: MAR's truncated Gaussian, or with --uniform-mask-prob U(0, 1]
+    if ratio is None and mar.rand((), gen).item() < args.uniform_mask_prob:
+        ratio = 1.0 - mar.rand((), gen).item()
     mask = teacher.random_masking(orders, ratio, gen)                                 # (B, L), 1 = to generate
     sel = mask.bool()
     with torch.no_grad(), autocast:
         c = teacher.conditions(gt, mask, teacher.class_emb(labels))[sel].float()      # (N, Dz), N masked tokens
         c_null = teacher.conditions(gt, mask, teacher.fake_latent.expand(len(gt), -1))[sel].float()
-    if args.train_transformer:  # the student's own conditions (with grad); teacher and aux keep the teacher's c
+    if student is not None:  # the student's own conditions (with grad); teacher and aux keep the teacher's c
         with autocast:
             c_student = student.conditions(gt, mask, student.class_emb(labels))[sel].float()
     else:
@@ -190,19 +217,16 @@ def gsim_step(teacher, student, aux, latents, labels, opt_g, opt_a, args, gen, t
     m = teacher.diffusion_batch_mul  # several (z, t, eps) draws per token, as MAR's training does
     c, c_null, c_student = c.repeat(m, 1), c_null.repeat(m, 1), c_student.repeat(m, 1)   # (mN, Dz)
     # 2.-3. one-step student tokens, re-noised at t ~ U{t_min..t_max}
-    z = torch.randn(len(c), C, device=device, generator=gen)
+    z = mar.randn((len(c), C), gen, device)
     with autocast:
-        x0 = student.diffloss.sample_one_step(c_student, z).float()                   # (mN, C), graph to theta
-    t = torch.randint(args.t_min, args.t_max + 1, (len(x0),), device=device, generator=gen)
-    eps = torch.randn(x0.shape, device=device, generator=gen)
-    x_t = diff.q_sample(x0, t, eps)
+        x0 = mar.one_step_x0(student_head, z, c_student, diff).float()                # (mN, C), graph to theta
+    t = mar.randint(args.t_min, args.t_max + 1, (len(x0),), gen, device)
+    eps = mar.randn(x0.shape, gen, device)
+    x_t = diff.q_sample(x0, t, eps)                                                   # (mN, C)
     sigma = (1 - diff.alphas_cumprod.to(device)[t]).sqrt().float()                    # (mN,)
     # 4. generator loss: teacher and aux parameters frozen, their inputs NOT detached (gradients flow via x_t)
     aux.requires_grad_(False)
-    with autocast:
-        eps_p = teacher.diffloss.guided_eps(x_t, t, c, c_null, args.teacher_cfg)[:, :C]
-        eps_phi = aux(x_t, t, c)[:, :C]
-    loss_g = gsim_generator_loss(eps_p, eps_phi, eps, sigma, args.r, args.path_weight)
+    loss_g, eps_p, eps_phi = generator_loss_fp32(teacher.diffloss.net, aux, x_t, t, c, c_null, eps, sigma, args)
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     mar.all_reduce_grads(trainable)
@@ -220,9 +244,45 @@ def gsim_step(teacher, student, aux, latents, labels, opt_g, opt_a, args, gen, t
         torch.nn.utils.clip_grad_norm_(aux.parameters(), args.grad_clip)
         opt_a.step()
     with torch.no_grad():
-        y = (eps_p - eps_phi).float().norm(dim=-1) / sigma                             # |y| in score units
+        y = (eps_p - eps_phi).norm(dim=-1) / sigma                                      # |y| in score units
     return {"loss_g": loss_g.item(), "loss_aux": loss_a.item(), "y_mean": y.mean().item(),
             "y_max": y.max().item(), "grad_norm_g": float(gnorm), "mask_ratio": mask.mean().item()}
+
+
+def build_gsim(teacher, args):
+    """The trained networks around ONE frozen teacher MAR: (student MAR or None, student head, its EMA, aux head,
+    trainable parameters, generator optimizer, aux optimizer). Head-only (default) keeps no copy of the transformer:
+    the student is the teacher's transformer + the student head, and its EMA is an EMA of the head alone."""
+    # Block checkpointing of all three heads: each keeps its activations for the backward through x_t otherwise
+    # (MAR-H at 64 per GPU: DESIGN 11, README "Memory"). The frozen transformer runs without grad: nothing to keep.
+    teacher.diffloss.net.grad_checkpointing = args.grad_checkpointing
+    if args.train_transformer:
+        student = copy.deepcopy(teacher).requires_grad_(True)
+        student.grad_checkpointing = args.grad_checkpointing
+        student_head, ema = student.diffloss.net, copy.deepcopy(student)      # EMA of the whole student MAR
+    else:
+        student = None
+        student_head = copy.deepcopy(teacher.diffloss.net).requires_grad_(True)
+        ema = copy.deepcopy(student_head)                                      # EMA of the head alone
+    ema.requires_grad_(False)
+    aux = copy.deepcopy(teacher.diffloss.net).requires_grad_(True)
+    trainable = list((student or student_head).parameters())
+    opt_g = torch.optim.AdamW(trainable, lr=args.lr_g, betas=tuple(args.betas), weight_decay=0.0)
+    opt_a = torch.optim.AdamW(aux.parameters(), lr=args.lr_aux, betas=tuple(args.betas), weight_decay=0.0)
+    return student, student_head, ema, aux, trainable, opt_g, opt_a
+
+
+def with_head(mar_state, head_state):
+    """A full MAR state dict: `mar_state` with its diffusion head replaced by `head_state` (a SimpleMLPAdaLN's)."""
+    out = dict(mar_state)
+    for k, v in head_state.items():
+        out["diffloss.net." + k] = v
+    return out
+
+
+def head_of(mar_state):
+    """The diffusion head's entries of a MAR state dict, prefix removed."""
+    return {k[len("diffloss.net."):]: v for k, v in mar_state.items() if k.startswith("diffloss.net.")}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,27 +299,30 @@ def main(argv=None):
     dataset, to_latents, steps_per_epoch = data.training_source(args, device)
     total_steps = args.epochs * steps_per_epoch
 
-    # -- models: frozen teacher, student (a full MAR: teacher transformer + student head), auxiliary head ----------
-    build = (lambda: mar.MAR(**data.TOY_MODEL)) if args.preset == "toy" else mar.PRESETS[args.model]
+    # -- models: ONE frozen teacher MAR; the student head (and with --train-transformer the student's transformer),
+    # its EMA, and the auxiliary head. Head-only keeps no copy of the transformer: the student is saved as the
+    # teacher's transformer + the student head, a plain MAR checkpoint.
+    build = (lambda: mar.MAR(**data.TOY_MODEL)) if args.preset == "toy" else \
+        (lambda: mar.PRESETS[args.model](img_size=args.img_size))
     teacher = mar.load_mar(args.teacher, build(), use_ema=True).to(device).eval().requires_grad_(False)
-    student = copy.deepcopy(teacher).requires_grad_(False)
-    trained = student if args.train_transformer else student.diffloss.net
-    trained.requires_grad_(True)
-    student.grad_checkpointing = student.diffloss.net.grad_checkpointing = args.grad_checkpointing
-    aux = copy.deepcopy(teacher.diffloss.net).requires_grad_(True)
-    aux.grad_checkpointing = args.grad_checkpointing
-    student_ema = copy.deepcopy(student).requires_grad_(False)
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    opt_g = torch.optim.AdamW(trainable, lr=args.lr_g, betas=tuple(args.betas), weight_decay=0.0)
-    opt_a = torch.optim.AdamW(aux.parameters(), lr=args.lr_aux, betas=tuple(args.betas), weight_decay=0.0)
+    student, student_head, ema, aux, trainable, opt_g, opt_a = build_gsim(teacher, args)
     mar.print0(f"student: {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters "
-               f"({'transformer + head' if args.train_transformer else 'head only'}); teacher cfg {args.teacher_cfg}")
+               f"({'transformer + head' if student else 'head only'}); teacher cfg {args.teacher_cfg}; {precision}, "
+               f"teacher/aux heads of the generator loss in fp32")
+    teacher_sd = {k: v for k, v in teacher.state_dict().items()} if student is None else None
+
+    def full_state(module):  # the MAR state dict of the student (or its EMA)
+        return module.state_dict() if student is not None else with_head(teacher_sd, module.state_dict())
+
+    def load_full(module, sd, what):
+        mar.load_state_dict_strict(module, sd if student is not None else head_of(sd), what)
+
     step = 0
     ckpt_path = os.path.join(args.out_dir, "checkpoint-last.pth")
     if args.resume and os.path.exists(ckpt_path):
         ck = mar.load_checkpoint(ckpt_path)
-        mar.load_state_dict_strict(student, ck["model"], ckpt_path)
-        mar.load_state_dict_strict(student_ema, ck["model_ema"], ckpt_path + " [model_ema]")
+        load_full(student or student_head, ck["model"], ckpt_path)
+        load_full(ema, ck["model_ema"], ckpt_path + " [model_ema]")
         mar.load_state_dict_strict(aux, ck["aux"], ckpt_path + " [aux]")
         opt_g.load_state_dict(ck["optimizer"])
         opt_a.load_state_dict(ck["optimizer_aux"])
@@ -268,9 +331,16 @@ def main(argv=None):
 
     def save():
         if mar.is_main():
-            mar.save_checkpoint(ckpt_path, {"model": student.state_dict(), "model_ema": student_ema.state_dict(),
+            mar.save_checkpoint(ckpt_path, {"model": full_state(student or student_head), "model_ema": full_state(ema),
                                             "aux": aux.state_dict(), "optimizer": opt_g.state_dict(),
                                             "optimizer_aux": opt_a.state_dict(), "step": step, "args": vars(args)})
+
+    def ema_as_mar():  # the EMA student as a MAR (toy evaluation)
+        if student is not None:
+            return ema
+        m = copy.deepcopy(teacher)
+        m.diffloss.net.load_state_dict(ema.state_dict())
+        return m
 
     evaluator = None
     if args.preset == "toy" and mar.is_main() and args.eval_images > 0:
@@ -290,25 +360,26 @@ def main(argv=None):
             gen = torch.Generator(device).manual_seed(mar.step_seed(args.seed, rank, step))
             with torch.no_grad():
                 latents = to_latents(xb, gen)
-            stats = gsim_step(teacher, student, aux, latents, yb, opt_g, opt_a, args, gen, trainable, precision)
+            stats = gsim_step(teacher, student_head, aux, latents, yb, opt_g, opt_a, args, gen, trainable, precision,
+                              student)
             step += 1
-            mar.update_ema(student_ema, student, args.ema_rate)
+            mar.update_ema(ema, student or student_head, args.ema_rate)
             log.add(stats)
             if step % args.log_every == 0 or step == last:
                 extra = {}
                 if evaluator is not None and ((args.eval_every and step % args.eval_every == 0) or step == last):
-                    extra = student_metrics(student_ema, evaluator, args)
+                    extra = student_metrics(ema_as_mar(), evaluator, args)
                 log.flush(step, total=last, **extra)
             if step % args.save_every == 0 or step == last:
                 save()
             if step >= last:
                 break
     log.close()
-    mar.assert_ranks_agree(student)
+    mar.assert_ranks_agree(student or student_head)
 
     # -- toy: teacher (100 head steps, guided like the distillation target) vs one-step student --------------------
     if evaluator is not None:
-        report = compare_on_toy(teacher, student_ema, evaluator, args)
+        report = compare_on_toy(teacher, ema_as_mar(), evaluator, args)
         with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
             json.dump(report, f, indent=2)
         for who in ("teacher", "student"):

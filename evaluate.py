@@ -3,8 +3,8 @@
 Metrics (each function is self-contained and copyable):
   * FID: Frechet distance between Gaussian fits of Inception pool_3 features (Heusel et al. 2017, arXiv:1706.08500),
     float64 with scipy's sqrtm, as pytorch-fid and torch-fidelity compute it.
-  * Inception Score exp(E_x KL(p(y|x) || p(y))) over 10 consecutive splits (Salimans et al. 2016), on the 1008
-    logits without the fc bias, as torch-fidelity (the pipeline MAR reports with) computes it.
+  * Inception Score exp(E_x KL(p(y|x) || p(y))) over 10 splits of the shuffled samples (Salimans et al. 2016), on
+    the 1008 logits without the fc bias, as torch-fidelity (the pipeline MAR reports with) computes it.
   * Improved precision / recall with k = 3 (Kynkaanniemi et al. 2019) on the same features: fidelity and diversity,
     the open question for a distilled, reward-tuned generator.
   * The FID Inception v3 is built here (TF-2015 graph quirks included) and loads the standard weights file; images
@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -77,13 +78,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
-def inception_score(logits, splits=10):
-    """(mean, std) over `splits` consecutive chunks of exp(mean_x KL(p(y|x) || p(y))), p from softmax(logits)."""
+def inception_score(logits, splits=10, shuffle_seed=2020):
+    """(mean, std) over `splits` chunks of exp(mean_x KL(p(y|x) || p(y))), p from softmax(logits) (Salimans et al.
+    2016, arXiv:1606.03498).
+
+    The samples are shuffled with a fixed seed before splitting, as torch-fidelity does (its default seed 2020):
+    a folder stored by class (sample.py's images/{index}.png) would otherwise give each split a tenth of the classes
+    and an IS near 1. shuffle_seed=None keeps the given order.
+    """
     p = torch.as_tensor(logits, dtype=torch.float64).softmax(dim=1)
     if len(p) < splits:
         raise ValueError(f"{len(p)} samples cannot be split into {splits} parts for the Inception Score")
+    n = len(p)
+    if shuffle_seed is not None:  # numpy's permutation with torch-fidelity's seed: the same splits as its IS
+        p = p[torch.from_numpy(np.random.RandomState(shuffle_seed).permutation(n))]
     scores = []
-    for chunk in p.chunk(splits):
+    for chunk in (p[i * n // splits: (i + 1) * n // splits] for i in range(splits)):  # split k: [kN/s, (k+1)N/s)
         py = chunk.mean(0, keepdim=True)
         kl = (chunk * (chunk.clamp_min(1e-12).log() - py.clamp_min(1e-12).log())).sum(1).mean()
         scores.append(kl.exp().item())
@@ -421,8 +431,12 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 def clip_preprocess(images, size=224):
     """CLIP's preprocessing in torch, so gradients flow: resize the short side to `size` (bicubic, antialiased),
-    center crop, normalise with CLIP's mean/std. images (B, 3, H, W) in [-1, 1]."""
-    x = (images.float() + 1) / 2
+    center crop, normalise with CLIP's mean/std. images (B, 3, H, W) in [-1, 1].
+
+    Pixels are clamped to [-1, 1] first: the decoder's output can leave that range, the saved PNGs clip it, and a
+    reward that sees the unclipped values can be raised by pixels no image will ever show (a reward-hacking channel).
+    """
+    x = (images.float().clamp(-1, 1) + 1) / 2
     h, w = x.shape[-2:]
     s = size / min(h, w)
     x = F.interpolate(x, size=(max(size, round(h * s)), max(size, round(w * s))), mode="bicubic", antialias=True,
@@ -512,6 +526,15 @@ class ClipReward(nn.Module):
 
 # The command line reads what sample.py writes (or any ADM-format file), checks it, and reports each metric for which
 # the needed local files were given.
+def open_npz(path, what):
+    """np.load without pickles, with an error that says what the file should be (a garbage file otherwise gets
+    numpy's "Object arrays cannot be loaded when allow_pickle=False")."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path!r} is not an ADM .npz ({what}): {type(e).__name__}: {str(e)[:120]}") from e
+
+
 def load_samples(path):
     """uint8 (N, H, W, C) and labels (or None) from an ADM-style .npz or a folder of PNGs."""
     if os.path.isdir(path):
@@ -521,7 +544,7 @@ def load_samples(path):
         arr = np.stack([np.array(Image.open(os.path.join(path, f))) for f in files])
         labels = None
     else:
-        with np.load(path) as d:
+        with open_npz(path, "samples: arr_0 uint8 (N, H, W, 3) [+ labels]") as d:
             if "arr_0" not in d:
                 raise ValueError(f"{path!r} has no 'arr_0' (expected the ADM format: uint8 (N, H, W, 3))")
             arr, labels = d["arr_0"], (d["labels"] if "labels" in d else None)
@@ -538,7 +561,7 @@ def reference_stats(path, inception, device, batch, image_shape=None):
     """(mu, sigma, features or None) from a reference .npz: ADM's mu/sigma if present, else computed from arr_0;
     features (for precision/recall) whenever arr_0 is there. With `image_shape` (H, W, C) of the samples, a reference
     batch of another image size is an error (FID at 256 against 512 statistics is meaningless)."""
-    with np.load(path) as d:
+    with open_npz(path, "reference batch: mu + sigma, or arr_0") as d:
         keys = set(d.files)
         if not ({"mu", "sigma"} <= keys or "arr_0" in keys):
             raise ValueError(f"reference {path!r} has neither mu/sigma nor arr_0")

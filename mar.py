@@ -12,6 +12,10 @@ This is the math file of the project. Every stage imports it. It holds:
 Nothing here calls `.cuda()`: the device comes from the inputs. Randomness takes an optional `torch.Generator`
 (or, in the sampler, one generator per image, so an image does not depend on who else is in its batch).
 
+Randomness rule (every file of the project): a draw takes its GENERATOR's device, then moves to where it is used
+(`randn`, `rand`, `randint` below). torch refuses a CPU draw from a CUDA generator, and no CPU test can see such a
+draw: it crashes on the first GPU step. A scalar (a mask ratio) is drawn on the generator's device and `.item()`-ed.
+
 Quick use:
     import mar
     model = mar.mar_base()                                     # 207,924,768 parameters
@@ -20,9 +24,11 @@ Quick use:
     latents = model.sample_tokens(4, num_iter=64, labels=..., one_step=True)                     # MARVAL
     images = vae.decode(latents / 0.2325)
 """
+import argparse
 import json
 import math
 import os
+import pickle
 import time
 
 import numpy as np
@@ -186,7 +192,7 @@ def cosine_betas(T=1000, max_beta=0.999):
 
 def space_timesteps(T, spec):
     """IDDPM respacing: which of T steps to keep. spec "100" -> 100 evenly spaced steps with a FRACTIONAL stride
-    round(i * (T-1)/(n-1)): {0, 10, 20, ..., 989, 999}. A comma list "10,15" splits T into equal sections.
+    (T-1)/(n-1), rounding the accumulated index: {0, 10, 20, ..., 989, 999}. A comma list "10,15" splits T into equal sections.
 
     Deviation: "1" keeps {T-1} (one x0 prediction from pure noise). IDDPM keeps {0}, a no-op denoise of x_T on which
     its own posterior-variance code then fails; MAR never uses one step.
@@ -204,7 +210,12 @@ def space_timesteps(T, spec):
         if n > length or n < 1:
             raise ValueError(f"cannot keep {n} of {length} steps (respacing spec {spec!r})")
         stride = (length - 1) / (n - 1) if n > 1 else 1
-        kept.update(start + round(stride * j) for j in range(n))  # Python round (half to even), like IDDPM
+        # The index ACCUMULATES (cur += stride), as IDDPM's respace.py does: round(stride * j) would keep different
+        # steps for 278 of the counts 2..1000 (float error lands on the other side of .5; "100" is unaffected).
+        cur = 0.0
+        for _ in range(n):
+            kept.add(start + round(cur))  # Python round (half to even), like IDDPM
+            cur += stride
         start += length
     return sorted(kept)
 
@@ -353,26 +364,16 @@ class DiffLoss(nn.Module):
 
     def forward(self, target, z, mask=None, generator=None):
         """Training loss: target tokens (N, C), conditions z (N, Dz), mask (N,) of rows that count. t ~ U{0..999}."""
-        g = {"generator": generator} if generator is not None else {}
-        t = torch.randint(0, 1000, (len(target),), device=target.device, **g)
-        noise = torch.randn(target.shape, device=target.device, **g)
+        t = randint(0, 1000, (len(target),), generator, target.device)
+        noise = randn(target.shape, generator, target.device)
         loss = self.train_diffusion.training_losses(self.net, target, t, z, noise)["loss"]  # (N,)
         if mask is not None:
             return (loss * mask).sum() / mask.sum()
         return loss.mean()
 
     def guided_eps(self, x, t, c, c_null=None, cfg=1.0):
-        """Head output (N, 2C) with CFG on eps only: eps_u + cfg * (eps_c - eps_u); variance from the cond branch.
-
-        x (N, C), t (N,) ORIGINAL steps, c / c_null (N, Dz). Equivalent to `net.forward_with_cfg` on the doubled
-        batch but keeps one trajectory of N rows (the official second half is computed and thrown away).
-        """
-        if c_null is None or cfg == 1.0:
-            return self.net(x, t, c)
-        out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, c_null]))
-        cond, uncond = out.chunk(2)
-        C = self.in_channels
-        return torch.cat([uncond[:, :C] + cfg * (cond[:, :C] - uncond[:, :C]), cond[:, C:]], dim=-1)
+        """Head output (N, 2C) with CFG on eps only (see `guided_eps` below)."""
+        return guided_eps(self.net, x, t, c, c_null, cfg)
 
     def sample(self, c, x_T, step_noise, c_null=None, cfg=1.0, temperature=1.0, num_steps=None, clip_denoised=False):
         """MAR teacher: reverse diffusion of N tokens from x_T (N, C) over the respaced steps, CFG on eps.
@@ -388,28 +389,49 @@ class DiffLoss(nn.Module):
         return x
 
     def sample_one_step(self, c, z, c_null=None, cfg=1.0, clip_denoised=False):
-        """MARVAL one-step generator: read z ~ N(0, I) as x_400 and return the head's x0 prediction
+        """MARVAL one-step generator with this module's head (see `one_step_x0` below)."""
+        return one_step_x0(self.net, z, c, self.train_diffusion, c_null, cfg, clip_denoised)
 
-            x0 = (z - sqrt(1 - abar_400) * eps_hat(z, 400, c)) / sqrt(abar_400) = 1.24420 z - 0.74028 eps_hat.
 
-        (MARVAL arXiv:2511.15190 sec. 3: "the one-step generator predicts the noise from the fixed step 400".)
-        Differentiable in the head's weights and in z and c. cfg = 1 is the distilled student's default.
-        """
-        t = torch.full((len(z),), ONE_STEP_T, dtype=torch.long, device=z.device)
-        eps = self.guided_eps(z, t, c, c_null, cfg)[:, : self.in_channels]
-        x0 = self.train_diffusion.predict_x0(z, t, eps)
-        return x0.clamp(-1, 1) if clip_denoised else x0
+def guided_eps(net, x, t, c, c_null=None, cfg=1.0):
+    """Head output (N, 2C) with CFG on eps only: eps_u + cfg * (eps_c - eps_u); variance from the cond branch.
+
+    MAR's convention (MAR arXiv:2406.11838 sec. 5; MARVAL Eq. 10 writes the same with w = cfg - 1). x (N, C),
+    t (N,) ORIGINAL steps, c / c_null (N, Dz). Equivalent to `net.forward_with_cfg` on the doubled batch but keeps one
+    trajectory of N rows (the official second half is computed and thrown away).
+    """
+    if c_null is None or cfg == 1.0:
+        return net(x, t, c)
+    out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, c_null]))  # (2N, 2C): [cond; uncond]
+    cond, uncond = out.chunk(2)
+    C = x.shape[-1]
+    return torch.cat([uncond[:, :C] + cfg * (cond[:, :C] - uncond[:, :C]), cond[:, C:]], dim=-1)
+
+
+def one_step_x0(net, z, c, diffusion, c_null=None, cfg=1.0, clip_denoised=False):
+    """MARVAL one-step generator g_theta(z, c): read z ~ N(0, I) (N, C) as x_400 and return the head's x0 prediction
+
+        x0 = (z - sqrt(1 - abar_400) * eps_hat(z, 400, c)) / sqrt(abar_400) = 1.24420 z - 0.74028 eps_hat.
+
+    (MARVAL arXiv:2511.15190 sec. 3: "the one-step generator predicts the noise from the fixed step 400".)
+    `diffusion` is the 1000-step process. Differentiable in the head's weights and in z and c. cfg = 1 is the
+    distilled student's default.
+    """
+    t = torch.full((len(z),), ONE_STEP_T, dtype=torch.long, device=z.device)
+    eps = guided_eps(net, z, t, c, c_null, cfg)[:, : z.shape[-1]]  # (N, C)
+    x0 = diffusion.predict_x0(z, t, eps)
+    return x0.clamp(-1, 1) if clip_denoised else x0
 
 
 # ==== Masking helpers ===========================================================================================
 
-def truncnorm_mask_ratio(mask_ratio_min, generator=None, device="cpu"):
+def truncnorm_mask_ratio(mask_ratio_min, generator=None):
     """One masking ratio from N(1, 0.25^2) truncated to [mask_ratio_min, 1] (MAR training), by inverse CDF.
 
     Same law as the official scipy.stats.truncnorm(a=(min-1)/0.25, b=0, loc=1, scale=0.25); drawn from a torch
     generator so runs are reproducible without numpy's global state.
     """
-    u = torch.rand((), generator=generator, device=device, dtype=torch.float64).item()
+    u = rand((), generator, dtype=torch.float64).item()  # on the generator's device (the randomness rule)
     lo = 0.5 * (1 + math.erf((mask_ratio_min - 1) / 0.25 / math.sqrt(2)))  # Phi(a); Phi(b = 0) = 0.5
     p = lo + u * (0.5 - lo)
     return 1.0 + 0.25 * math.sqrt(2) * torch.erfinv(torch.tensor(2 * p - 1, dtype=torch.float64)).item()
@@ -441,19 +463,41 @@ def cfg_scale_at(cfg, seq_len, mask_len, schedule="linear"):
     raise NotImplementedError(f"cfg_schedule must be 'linear' or 'constant', got {schedule!r}")
 
 
+def _gen_device(generator, device):
+    """The randomness rule: draw where the generator lives (or on `device` without one)."""
+    return generator.device if generator is not None else (device or "cpu")
+
+
+def _to(x, device):
+    return x if device is None else x.to(device)
+
+
+def randn(shape, generator=None, device=None):
+    """N(0, 1) noise of `shape` drawn on the generator's device, returned on `device`."""
+    return _to(torch.randn(shape, generator=generator, device=_gen_device(generator, device)), device)
+
+
+def rand(shape, generator=None, device=None, dtype=None):
+    """U[0, 1) of `shape` drawn on the generator's device, returned on `device`."""
+    return _to(torch.rand(shape, generator=generator, device=_gen_device(generator, device), dtype=dtype), device)
+
+
+def randint(low, high, shape, generator=None, device=None):
+    """Integers in [low, high) of `shape` drawn on the generator's device, returned on `device`."""
+    return _to(torch.randint(low, high, shape, generator=generator, device=_gen_device(generator, device)), device)
+
+
 def _randn(shape, gens, device):
     """Gaussian noise of shape (B, ...): from one generator, or one generator per image (row b from gens[b])."""
     if isinstance(gens, (list, tuple)):
-        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in gens]).to(device)
-    if gens is None:
-        return torch.randn(shape, device=device)
-    return torch.randn(shape, generator=gens, device=gens.device).to(device)
+        return torch.stack([randn(shape[1:], g, device) for g in gens])
+    return randn(shape, gens, device)
 
 
 def _randperm(bsz, n, gens, device):
     """(B, n) random orders: one permutation per image."""
     gens = gens if isinstance(gens, (list, tuple)) else [gens] * bsz  # a shared generator is drawn from B times
-    return torch.stack([torch.randperm(n, generator=g, device=g.device if g else "cpu") for g in gens]).to(device)
+    return torch.stack([torch.randperm(n, generator=g, device=_gen_device(g, None)) for g in gens]).to(device)
 
 
 # ==== MAR =======================================================================================================
@@ -557,8 +601,7 @@ class MAR(nn.Module):
         x = self.z_proj(x)  # (B, L, De)
         buf = class_embedding[:, None].expand(B, self.buffer_size, -1)
         if self.training and self.label_drop_prob > 0:
-            drop = (torch.rand(B, generator=generator, device=generator.device if generator is not None else "cpu")
-                    < self.label_drop_prob).to(x.device, x.dtype)[:, None, None]  # (B, 1, 1)
+            drop = (rand(B, generator, x.device) < self.label_drop_prob).to(x.dtype)[:, None, None]  # (B, 1, 1)
             buf = drop * self.fake_latent[None] + (1 - drop) * buf
         x = torch.cat([buf.to(x.dtype), x], dim=1)  # (B, buffer + L, De)
         x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
@@ -705,12 +748,21 @@ PRESETS = {"mar_tiny": mar_tiny, "mar_base": mar_base, "mar_large": mar_large, "
 # ==== Loading, saving, EMA, distributed setup (shared by every stage) ===========================================
 
 def read_checkpoint(path):
-    """torch.load(weights_only=True) with errors that say what is wrong with the file."""
+    """torch.load(weights_only=True) with errors that say what is wrong with the file.
+
+    Official MAR training checkpoints also pickle `args` as an argparse.Namespace; weights_only refuses any class
+    outside its allow-list, so Namespace (a plain attribute bag, nothing executed) is allowed here and nothing else.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; weights are never downloaded, give a local path")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, pickled objects outside the allow-list
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # an object outside the allow-list: the file is fine but not plain tensors
+        raise RuntimeError(f"checkpoint {path!r} holds Python objects that weights_only loading refuses "
+                           f"({str(e).splitlines()[0][:200]}). Re-save its tensors, e.g. torch.save("
+                           "{'model': sd}, new_path), from a trusted environment") from e
+    except Exception as e:  # truncated zip, not a torch file
         raise RuntimeError(f"could not read checkpoint {path!r} ({type(e).__name__}: {str(e)[:200]}); "
                            "is the file complete and a torch checkpoint?") from e
 
@@ -759,6 +811,16 @@ def save_checkpoint(path, obj):
 
 
 load_checkpoint = read_checkpoint  # our own files hold tensors and plain types: weights_only=True reads them
+
+
+def ema_decay(rate, step, warmup=True):
+    """EMA decay after `step` optimizer steps: min(rate, (1 + step) / (10 + step)) with warm-up, else `rate`.
+
+    A fixed 0.9999 keeps 1 - 0.9999^n of the updates made in n steps: 3% after 315 steps, 63% after 10,000. With the
+    warm-up the EMA follows the weights closely early on (0.5 at step 8, 0.99 at step 890) and is the plain 0.9999
+    EMA from step ~90,000 on, so a short run still shows in `model_ema`, which every tool loads.
+    """
+    return min(rate, (1 + step) / (10 + step)) if warmup else rate
 
 
 @torch.no_grad()

@@ -32,11 +32,24 @@ toy FID), and on the toy reward_vs_fid.png (the trade-off over training) and eva
         --out-dir runs/smoke_rl
 
 Deliberate choices where the paper is silent:
-  1. The regulariser (--reg-weight) and the FID-bounded selection are ours (DRaFT+, Clark et al. 2023); the paper
-     reports no guard against reward hacking.
-  2. "5 epochs" has no stated unit for a data-free stage; here an epoch is one pass over the 1000 class prompts.
-  3. The whole student (transformer + head) is tuned by default (--head-only to tune the head alone).
-  4. Gradients through all K steps by default; --truncate-k k keeps only the last k AR steps (DRaFT-K).
+  1. The regulariser (--reg-weight) and the guarded selection are ours (DRaFT+, Clark et al. 2023); the paper
+     reports no guard against reward hacking. checkpoint-best.pth is the best held-out reward among the evaluations
+     whose held-out DRaFT+ distance to the start stays within --max-drift (and on the toy whose FID stays within
+     --fid-bound x the start's). The held-out prompts are spread over all classes.
+  2. Run length. "5 epochs" has no stated unit for a data-free stage. Read as 5 passes over the 1,000 class names it
+     is 5 x 1000 / 16 = 315 steps, about 9 minutes of 8 A100s: two orders of magnitude below the paper's "~2 days on
+     8 A100". Read as 5 passes over ImageNet's 1,281,167 training labels (--epoch-size) at global batch 16 it is
+     400,365 steps, 0.43 s per step over 2 days (172,800 s). That matches the compute of one step: MAR-B's
+     transformer (~172M parameters in its blocks, ~190 encoder and 320 decoder positions) over K = 64 AR steps for 2
+     images is ~11 TFLOP forward, ~45 TFLOP with the backward and the per-step recomputation; the KL-16 decoder and
+     PickScore's ViT-H/14 add ~3 TFLOP; ~48 TFLOP at ~40% of an A100's 312 TFLOP/s is ~0.4 s. So the default is
+     --epochs 5 over --epoch-size 1281167 (an estimate, not a GPU measurement: time a few steps on yours).
+  3. EMA 0.9999 [Table 2] WITH a warm-up, decay min(0.9999, (1 + n) / (10 + n)) (--no-ema-warmup for the literal
+     one): model_ema is what every tool loads, and a fixed 0.9999 keeps only 1 - 0.9999^n of n steps' updates
+     (3% after 315 steps). With the warm-up a short run shows in model_ema; from step ~90,000 on it is the same EMA.
+  4. The whole student (transformer + head) is tuned by default (--head-only to tune the head alone).
+  5. Gradients through all K steps by default; --truncate-k k keeps only the last k AR steps (DRaFT-K).
+  6. The reward sees the decoded image clamped to [-1, 1], as the saved PNGs are (evaluate.clip_preprocess).
 """
 import argparse
 import copy
@@ -54,7 +67,10 @@ import mar
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
-TOY_DEFAULTS = dict(out_dir="runs/toy_rl", reward="toy", num_iter=4, global_batch_size=32, lr=2e-6, ema_rate=0.0,
+# Selection guard outside the toy (note 1): the held-out DRaFT+ distance, a mean squared difference of one-step outputs
+# (MAR latents have unit variance) to the frozen start for the same context and noise.
+MAX_DRIFT = 0.05
+TOY_DEFAULTS = dict(out_dir="runs/toy_rl", reward="toy", num_iter=4, global_batch_size=32, lr=2e-6,
                     reg_weight=1.0, max_steps=150, eval_every=25, log_every=5, save_every=25)
 
 
@@ -63,11 +79,12 @@ def get_args(argv=None):
     g = p.add_argument_group("setup")
     g.add_argument("--preset", choices=["toy"], default=None)
     g.add_argument("--model", choices=list(mar.PRESETS), default="mar_base")
+    g.add_argument("--img-size", type=int, default=256, help="image size of the student (MAR: 256)")
     g.add_argument("--student", required=True, help="MAR-format checkpoint of the distilled student (EMA weights)")
     g.add_argument("--vae", default=None, help="local kl16.ckpt (ImageNet)")
     g.add_argument("--out-dir", default=None, help="--preset toy: runs/toy_rl")
     g.add_argument("--resume", action="store_true")
-    g.add_argument("--max-steps", type=int, default=None, help="default: --epochs passes over the 1000 prompts")
+    g.add_argument("--max-steps", type=int, default=None, help="default: --epochs x --epoch-size / global batch")
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--device", default=None)
     g = p.add_argument_group("reward")
@@ -83,11 +100,13 @@ def get_args(argv=None):
     g.add_argument("--no-checkpoint-steps", action="store_true", help="keep all K steps' activations (more memory)")
     g.add_argument("--head-only", action="store_true", help="tune the diffusion head only")
     g.add_argument("--global-batch-size", type=int, default=16, help="paper: 2 per GPU x 8 GPUs")
-    g.add_argument("--epochs", type=int, default=5)
+    g.add_argument("--epochs", type=int, default=5, help="paper: 5 (see note 2 for the unit)")
+    g.add_argument("--epoch-size", type=int, default=1_281_167, help="prompts per epoch: ImageNet's training labels")
     g.add_argument("--lr", type=float, default=5e-6)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--ema-rate", type=float, default=0.9999, help="0: no EMA (model_ema = model)")
+    g.add_argument("--no-ema-warmup", action="store_true", help="the literal fixed-rate EMA (see note 3)")
     g.add_argument("--reg-weight", type=float, default=0.0, help="beta of the DRaFT+ penalty toward the frozen start")
     g.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     g = p.add_argument_group("logging and selection")
@@ -96,6 +115,8 @@ def get_args(argv=None):
     g.add_argument("--eval-every", type=int, default=100, help="held-out reward (and toy FID) every N steps")
     g.add_argument("--eval-images", type=int, default=400, help="held-out set: fixed labels and seeds")
     g.add_argument("--fid-bound", type=float, default=1.3, help="toy: best held-out reward with FID <= bound x start")
+    g.add_argument("--max-drift", type=float, default=MAX_DRIFT, help="best held-out reward with DRaFT+ distance "
+                   "(mean squared one-step output difference to the start, held-out) at most this")
     args = p.parse_args(argv)
     if args.preset == "toy":
         p.set_defaults(**TOY_DEFAULTS)
@@ -155,6 +176,17 @@ def generate_with_reference(policy, reference, labels, gens, args, clip):
     return latents, penalty
 
 
+def run_length(args):
+    """Default number of steps: --epochs passes over --epoch-size prompts at the global batch (note 2)."""
+    return args.epochs * -(-args.epoch_size // args.global_batch_size)
+
+
+def heldout_labels(n, n_classes):
+    """Held-out classes: spread over all classes (ImageNet: 400 prompts -> classes 0, 2, 5, 7, ..., 997), or every
+    class in turn when there are fewer classes than prompts (the toy)."""
+    return torch.arange(n) * n_classes // n if n < n_classes else torch.arange(n) % n_classes
+
+
 def rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, trainable, args, clip):
     latents, penalty = generate_with_reference(policy, reference if args.reg_weight > 0 else None, labels, gens,
                                                args, clip)
@@ -170,18 +202,19 @@ def rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, trainabl
 
 
 @torch.no_grad()
-def held_out(model, tokenizer, reward_fn, evaluator, args, device, clip):
-    """Fixed labels and seeds: mean reward (and on the toy accuracy and toy FID of the same images)."""
-    labels = torch.arange(args.eval_images, device=device) % (10 if args.preset == "toy" else 1000)
-    imgs = []
+def held_out(model, reference, tokenizer, reward_fn, evaluator, args, device, clip, n_classes):
+    """Fixed labels and seeds: mean reward, the DRaFT+ distance to the frozen start (`drift`: the penalty term on
+    the held-out generations), and on the toy accuracy and toy FID of the same images."""
+    labels = heldout_labels(args.eval_images, n_classes).to(device)
+    imgs, drift = [], []
     for i, lb in enumerate(labels.split(100)):
         gens = [torch.Generator(device).manual_seed(90_000 + 100 * i + j) for j in range(len(lb))]
-        lat = model.sample_tokens(len(lb), num_iter=args.num_iter, labels=lb, one_step=True, clip_denoised=clip,
-                                  generator=gens)
+        lat, d = generate_with_reference(model, reference, lb, gens, args, clip)
         imgs.append(tokenizer.decode(lat))
+        drift.append(d * len(lb))
     imgs = torch.cat(imgs)
     rewards = torch.cat([reward_fn(x, lb) for x, lb in zip(imgs.split(100), labels.split(100))])
-    out = {"heldout_reward": rewards.mean().item()}
+    out = {"heldout_reward": rewards.mean().item(), "drift": (sum(drift) / len(labels)).item()}
     if evaluator is not None:
         m = evaluator(imgs, labels)
         out.update(heldout_accuracy=m["accuracy"], toy_fid=m["toy_fid"])
@@ -223,7 +256,7 @@ def main(argv=None):
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     # -- models: policy (trained), frozen reference (the start), EMA -------------------------------------------------
-    build = (lambda: mar.MAR(**data.TOY_MODEL)) if toy else mar.PRESETS[args.model]
+    build = (lambda: mar.MAR(**data.TOY_MODEL)) if toy else (lambda: mar.PRESETS[args.model](img_size=args.img_size))
     policy = mar.load_mar(args.student, build(), use_ema=True, verbose=mar.is_main()).to(device).eval()
     reference = copy.deepcopy(policy).requires_grad_(False)
     policy.requires_grad_(not args.head_only)
@@ -237,8 +270,8 @@ def main(argv=None):
         vae = vae_lib.load_vae(args.vae).to(device).requires_grad_(False)
     tokenizer = data.Tokenizer(vae)
     reward_fn, evaluator = build_reward(args, device)
-    n_classes = 10 if toy else 1000
-    total = args.max_steps or args.epochs * -(-1000 // args.global_batch_size)
+    n_classes = policy.class_num
+    total = args.max_steps or run_length(args)
     step, history, best = 0, [], None
     ckpt_path = os.path.join(args.out_dir, "checkpoint-last.pth")
     if args.resume and os.path.exists(ckpt_path):
@@ -257,12 +290,11 @@ def main(argv=None):
 
     def evaluate_now():
         nonlocal best
-        rec, imgs, labels = held_out(ema if args.ema_rate > 0 else policy, tokenizer, reward_fn, evaluator, args,
-                                     device, clip)
+        rec, imgs, labels = held_out(ema, reference, tokenizer, reward_fn, evaluator, args, device, clip, n_classes)
         rec["step"] = step
         history.append(rec)
         start_fid = history[0].get("toy_fid")
-        ok = start_fid is None or rec["toy_fid"] <= args.fid_bound * start_fid
+        ok = rec["drift"] <= args.max_drift and (start_fid is None or rec["toy_fid"] <= args.fid_bound * start_fid)
         if ok and (best is None or rec["heldout_reward"] > best["heldout_reward"]):
             best = dict(rec)
             save(os.path.join(args.out_dir, "checkpoint-best.pth"))
@@ -281,7 +313,7 @@ def main(argv=None):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             stats = rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, trainable, args, clip)
         step += 1
-        mar.update_ema(ema, policy, args.ema_rate)
+        mar.update_ema(ema, policy, mar.ema_decay(args.ema_rate, step, not args.no_ema_warmup))
         log.add(stats)
         if step % args.log_every == 0 or step == total:
             extra = {}

@@ -196,8 +196,7 @@ def main(argv=None):
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
             step += 1
-            rate = min(args.ema_rate, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_rate
-            mar.update_ema(ema, model, rate)
+            mar.update_ema(ema, model, mar.ema_decay(args.ema_rate, step, args.ema_warmup))
             log.add({"loss": loss.item(), "grad_norm": float(grad_norm)})
             if step % args.log_every == 0 or step == last:
                 log.flush(step, total=last, lr=lr)

@@ -187,8 +187,9 @@ class AutoencoderKL(nn.Module):
     """MAR's KL-16 by default (66,456,019 parameters). `attn_resolutions` applies to the encoder only."""
 
     def __init__(self, embed_dim=16, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
-                 resolution=256, z_channels=16):
+                 resolution=256, z_channels=None):
         super().__init__()
+        z_channels = embed_dim if z_channels is None else z_channels  # tied, as in MAR's KL constructor
         # quant_conv maps the encoder's 2 z moments to 2 embed_dim; post_quant_conv maps embed_dim back to z. For
         # MAR's KL-16 both widths are 16, so they are plain 1x1 mixing layers, kept for checkpoint compatibility.
         self.encoder = Encoder(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels)
@@ -205,9 +206,24 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
+def config_from_state_dict(sd):
+    """AutoencoderKL keywords read off a state dict's shapes, so any LDM KL autoencoder file loads without flags
+    (MAR's kl16.ckpt gives exactly the defaults: ch 128, ch_mult (1, 1, 2, 2, 4), 2 blocks, attention at 16)."""
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
+    blocks = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
+    ch_mult = tuple(sd[f"encoder.down.{i}.block.{blocks - 1}.conv2.weight"].shape[0] // ch for i in range(levels))
+    # attention levels by index; a nominal resolution of 2^levels * 16 maps level i to resolution (16 * 2^levels) >> i
+    res = 16 * 2 ** (levels - 1)
+    attn = tuple(res >> i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in sd)
+    return dict(embed_dim=sd["post_quant_conv.weight"].shape[1], ch=ch, ch_mult=ch_mult, num_res_blocks=blocks,
+                attn_resolutions=attn, resolution=res, z_channels=sd["decoder.conv_in.weight"].shape[1])
+
+
 def load_vae(path, model=None, **config):
-    """Load `kl16.ckpt` ({"model": state_dict}) into `model` (default: AutoencoderKL(**config)), strictly for the
-    encoder/decoder/quant keys. Training-only extras (LDM's loss / discriminator) are dropped and counted."""
+    """Load `kl16.ckpt` ({"model": state_dict}) into `model` (default: AutoencoderKL with the architecture read off
+    the file's shapes, overridden by `config`), strictly for the encoder/decoder/quant keys. Training-only extras
+    (LDM's loss / discriminator) are dropped and counted."""
     ckpt = read_checkpoint(path)
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not any(k.startswith("encoder.") for k in sd):
@@ -215,7 +231,13 @@ def load_vae(path, model=None, **config):
                          "'encoder.*' / 'decoder.*' keys")
     prefixes = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
     kept = {k: v for k, v in sd.items() if k.startswith(prefixes)}
-    model = model if model is not None else AutoencoderKL(**config)
+    if model is None:
+        try:
+            inferred = config_from_state_dict(kept)
+        except (KeyError, ValueError) as e:  # too broken to read its shape: the strict load below names the keys
+            inferred = {}
+            print0(f"VAE {path!r}: could not read the architecture off the file ({e}); using KL-16's")
+        model = AutoencoderKL(**{**inferred, **config})
     load_state_dict_strict(model, kept, f"VAE {path!r}")
     extra = len(sd) - len(kept)
     print0(f"loaded VAE from {path}" + (f" (ignored {extra} training-only keys)" if extra else ""))

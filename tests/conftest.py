@@ -48,3 +48,25 @@ def toy_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("toy_ckpt") / "checkpoint-last.pth"
     mar.save_checkpoint(str(path), {"model": m.state_dict(), "model_ema": m.state_dict()})
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def pickscore_dirs(tmp_path_factory):
+    """A tiny random transformers CLIP + processor (byte-level vocabulary, no merges) saved like the real ones."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    d = tmp_path_factory.mktemp("pickscore")
+    chars = list(bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(crop_size={"height": 32, "width": 32},
+                                                            size={"shortest_edge": 32}),
+                         tokenizer=CLIPTokenizer(vocab=vocab, merges=[]))
+    proc.save_pretrained(d / "processor")
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=1),
+                     vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(d / "model")
+    return str(d / "model"), str(d / "processor")

@@ -1,14 +1,18 @@
 """distill_gsim.py end to end on the toy: the step keeps the teacher and aux frozen, the student checkpoint is a MAR,
 resume is exact, and a 2-process gloo run keeps the ranks identical."""
+import copy
 import json
 import math
 import os
+from types import SimpleNamespace
 
+import pytest
 import torch
 
 import data
 import distill_gsim
 import mar
+from conftest import randomize_
 from test_train_mar import torchrun
 
 FAST = ["--preset", "toy", "--global-batch-size", "8", "--eval-images", "0", "--log-every", "1", "--save-every", "2"]
@@ -64,3 +68,50 @@ def test_train_transformer_also_moves_the_transformer(toy_ckpt, tmp_path):
     assert not torch.equal(ck["model"]["encoder_blocks.0.attn.qkv.weight"], t["encoder_blocks.0.attn.qkv.weight"])
     assert not torch.equal(ck["model"]["diffloss.net.final_layer.linear.weight"],
                            t["diffloss.net.final_layer.linear.weight"])
+
+
+def test_head_only_checkpoint_is_the_teacher_transformer_plus_the_student_head(toy_ckpt, tmp_path):
+    """Head-only keeps one transformer: model and model_ema carry the teacher's transformer and the (EMA) head."""
+    out = str(tmp_path / "h")
+    distill_gsim.main(FAST + ["--teacher", toy_ckpt, "--out-dir", out, "--max-steps", "2", "--save-every", "1"])
+    ck, t = mar.load_checkpoint(os.path.join(out, "checkpoint-last.pth")), mar.load_checkpoint(toy_ckpt)["model_ema"]
+    for part in ("model", "model_ema"):
+        assert set(ck[part]) == set(t)
+        assert all(torch.equal(ck[part][k], t[k]) for k in t if not k.startswith("diffloss.net."))
+    assert not torch.equal(ck["model_ema"]["diffloss.net.final_layer.linear.weight"],
+                           ck["model"]["diffloss.net.final_layer.linear.weight"])  # EMA 0.99 lags the head
+
+
+def test_bad_flags_are_clear_errors(toy_ckpt, tmp_path, capsys):
+    for argv, msg in ((["--data-path", str(tmp_path)], "--data-path needs --vae"),
+                      (["--preset", "toy", "--aux-steps", "0"], "--aux-steps must be >= 1")):
+        with pytest.raises(SystemExit):
+            distill_gsim.get_args(argv + ["--teacher", toy_ckpt, "--out-dir", str(tmp_path / "x")])
+        assert msg in capsys.readouterr().err
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)  # (N,)
+
+
+def test_gsim_delta_direction_survives_bf16_autocast():
+    """Near convergence |Delta| is small and the pseudo-Huber gradient keeps only Delta / |Delta|. Under bf16 autocast
+    the generator loss must still form Delta from fp32 head outputs: per-token cosine >= 0.999 with the fp32 Delta,
+    where heads run in bf16 lose it (the check below that the naive way fails shows the test can fail)."""
+    torch.manual_seed(0)
+    head = randomize_(mar.mar_tiny().diffloss.net, std=0.05).eval().requires_grad_(False)  # (x (N,16), t, c (N,64))
+    aux = randomize_(copy.deepcopy(head), std=5e-4, seed=1)  # a nearly converged student: aux ~ guided teacher
+    N = 512
+    x_t, c, c_null = torch.randn(N, 16), torch.randn(N, 64), torch.randn(N, 64)
+    t = torch.randint(20, 981, (N,))
+    eps, sigma = torch.randn(N, 16), torch.rand(N) * 0.9 + 0.1
+    args = SimpleNamespace(teacher_cfg=1.0, r=1e-5, path_weight=1.0)  # aux ~ teacher: Delta is the residual
+    _, p32, a32 = distill_gsim.generator_loss_fp32(head, aux, x_t, t, c, c_null, eps, sigma, args)
+    delta32 = p32 - a32
+    assert 0 < delta32.norm(dim=-1).median() < 0.1  # small, as near convergence
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, p, a = distill_gsim.generator_loss_fp32(head, aux, x_t, t, c, c_null, eps, sigma, args)
+        naive = mar.guided_eps(head, x_t, t, c, c_null, 1.0)[:, :16] - aux(x_t, t, c)[:, :16]
+    assert p.dtype == a.dtype == loss.dtype == torch.float32
+    assert cosine(p - a, delta32).min() >= 0.999
+    assert naive.dtype == torch.bfloat16 and cosine(naive, delta32).min() < 0.999

@@ -81,11 +81,12 @@ def test_fid_and_is_equal_the_reference_functions():
     assert ours == pytest.approx(calculate_frechet_distance(mu1, s1, mu2, s2), rel=1e-6)
     st1, st2 = fid_features_to_statistics(torch.from_numpy(a)), fid_features_to_statistics(torch.from_numpy(b))
     assert ours == pytest.approx(fid_statistics_to_metric(st1, st2, False)["frechet_inception_distance"], rel=1e-6)
-    logits = torch.from_numpy(rng.normal(size=(500, 20)) * 3)
-    ref = isc_features_to_metric(logits, splits=10, shuffle=False)
-    mean, std = evaluate.inception_score(logits, splits=10)
-    assert mean == pytest.approx(ref["inception_score_mean"], rel=1e-6)
-    assert std == pytest.approx(ref["inception_score_std"], rel=1e-5)
+    logits = torch.from_numpy(rng.normal(size=(503, 20)) * 3)  # 503: splits of unequal size, as torch-fidelity's
+    for shuffle, seed in ((True, 2020), (False, None)):  # torch-fidelity shuffles with seed 2020 by default
+        ref = isc_features_to_metric(logits, splits=10, shuffle=shuffle)
+        mean, std = evaluate.inception_score(logits, splits=10, shuffle_seed=seed)
+        assert mean == pytest.approx(ref["inception_score_mean"], rel=1e-6)
+        assert std == pytest.approx(ref["inception_score_std"], rel=1e-5)
 
 
 def test_missing_weights_file_says_what_to_do(tmp_path):

@@ -135,5 +135,29 @@ def test_respacing():
     assert mar.space_timesteps(1000, "10") == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
     assert mar.space_timesteps(1000, "1") == [999]  # deliberate: one step from pure noise
     assert len(mar.space_timesteps(1000, "100")) == 100
+    # IDDPM accumulates the fractional index (cur += 999/20): float error puts step 10 at 499.4999..., kept as 499;
+    # round(stride * j) would keep 500. The official code keeps 499.
+    assert mar.space_timesteps(1000, "21")[9:12] == [450, 499, 549]
+    assert mar.space_timesteps(1000, "23")[11] == round(sum([999 / 22] * 11))  # the accumulated sum, not 11 * stride
     with pytest.raises(ValueError):
         mar.space_timesteps(1000, "2000")
+
+
+def test_official_training_checkpoint_with_args_namespace_loads(tmp_path):
+    """Official MAR training pickles `args` as an argparse.Namespace: weights_only loading must still read it; any
+    other pickled object is refused with a message that says so (not "incomplete file")."""
+    import argparse
+    model = mar.mar_tiny(img_size=32)
+    torch.save({"model": model.state_dict(), "model_ema": model.state_dict(), "epoch": 3,
+                "args": argparse.Namespace(model="mar_tiny", lr=1e-4)}, tmp_path / "official.pth")
+    mar.load_mar(str(tmp_path / "official.pth"), mar.mar_tiny(img_size=32))
+    torch.save({"model": model.state_dict(), "thing": Unsafe()}, tmp_path / "unsafe.pth")
+    with pytest.raises(RuntimeError, match="weights_only loading refuses"):
+        mar.read_checkpoint(str(tmp_path / "unsafe.pth"))
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "official.pth").read_bytes()[:5000])
+    with pytest.raises(RuntimeError, match="is the file complete"):
+        mar.read_checkpoint(str(tmp_path / "cut.pth"))
+
+
+class Unsafe:  # a class outside torch's weights_only allow-list
+    pass

@@ -15,28 +15,6 @@ from conftest import randomize_
 
 
 @pytest.fixture(scope="module")
-def pickscore_dirs(tmp_path_factory):
-    """A tiny random transformers CLIP + processor (byte-level vocabulary, no merges) saved like the real ones."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    d = tmp_path_factory.mktemp("pickscore")
-    chars = list(bytes_to_unicode().values())
-    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(crop_size={"height": 32, "width": 32},
-                                                            size={"shortest_edge": 32}),
-                         tokenizer=CLIPTokenizer(vocab=vocab, merges=[]))
-    proc.save_pretrained(d / "processor")
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
-                                      eos_token_id=1, pad_token_id=1),
-                     vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=2), projection_dim=16)
-    CLIPModel(cfg).save_pretrained(d / "model")
-    return str(d / "model"), str(d / "processor")
-
-
-@pytest.fixture(scope="module")
 def open_clip_file(tmp_path_factory):
     """A tiny open_clip model registered from a JSON config, its random weights saved to a file."""
     import open_clip
@@ -115,3 +93,40 @@ def test_toy_rl_run_logs_regularises_and_selects(toy_ckpt, tmp_path):
     assert best["step"] == report["best"]["step"]
     mar.load_mar(os.path.join(out, "checkpoint-last.pth"), mar.MAR(**data.TOY_MODEL))  # loads like any MAR
     assert os.path.exists(os.path.join(out, "reward_vs_fid.png"))
+    assert report["start"]["drift"] == 0.0 and report["last"]["drift"] > 0  # the held-out DRaFT+ distance
+
+
+def distance_moved(ckpt_path, start):
+    """(|model_ema - start|, |model - start|) over all tensors of a saved RL run."""
+    ck = mar.load_checkpoint(ckpt_path)
+    d = lambda part: sum((ck[part][k].double() - start[k].double()).square().sum() for k in start).sqrt().item()
+    return d("model_ema"), d("model")
+
+
+def test_rl_update_shows_in_model_ema(toy_ckpt, tmp_path):
+    """model_ema is what every tool loads: with the script's own EMA default (0.9999 with warm-up), a short run
+    leaves it at least half way from the start to the policy; the literal fixed 0.9999 would not move it."""
+    start = mar.load_checkpoint(toy_ckpt)["model_ema"]
+    base = ["--preset", "toy", "--student", toy_ckpt, "--max-steps", "4", "--eval-every", "0",
+            "--global-batch-size", "4", "--classifier", str(tmp_path / "clf.pt"), "--lr", "1e-4"]
+    rl_refine.main(base + ["--out-dir", str(tmp_path / "warm")])
+    ema, policy = distance_moved(str(tmp_path / "warm" / "checkpoint-last.pth"), start)
+    assert policy > 0 and ema >= 0.5 * policy
+    rl_refine.main(base + ["--out-dir", str(tmp_path / "fixed"), "--no-ema-warmup"])
+    ema, policy = distance_moved(str(tmp_path / "fixed" / "checkpoint-last.pth"), start)
+    assert ema < 0.01 * policy
+
+
+def test_reward_sees_the_pixels_the_png_keeps():
+    """Decoder output beyond [-1, 1] is clipped in the saved PNG, so the reward's preprocessing clips it too."""
+    x = torch.linspace(-2, 2, 3 * 16 * 16).reshape(1, 3, 16, 16)
+    assert torch.equal(evaluate.clip_preprocess(x, 16), evaluate.clip_preprocess(x.clamp(-1, 1), 16))
+    assert not torch.equal(evaluate.clip_preprocess(x * 0.9, 16), evaluate.clip_preprocess(x.clamp(-1, 1), 16))
+
+
+def test_default_run_length_follows_the_paper_compute():
+    """Note 2 of rl_refine.py: 5 epochs of ImageNet's 1,281,167 labels at global batch 16 (not 5 x 1000 prompts)."""
+    args = rl_refine.get_args(["--student", "x", "--vae", "v", "--pickscore-model", "p", "--out-dir", "o"])
+    assert rl_refine.run_length(args) == 400_365
+    assert rl_refine.heldout_labels(400, 1000)[:4].tolist() == [0, 2, 5, 7]
+    assert rl_refine.heldout_labels(400, 1000).max() >= 990  # spread over all classes, not 0-399

@@ -112,6 +112,13 @@ def test_evaluate_errors(tmp_path):
     np.savez(tmp_path / "s32.npz", arr_0=np.zeros((12, 32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="reference's resolution"):
         evaluate.reference_stats(str(tmp_path / "ref64.npz"), None, "cpu", 4, (32, 32, 3))
+    (tmp_path / "garbage.npz").write_bytes(b"\x93NUMPY" + bytes(range(256)) * 4)  # not a zip, not an array
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for bad in ("garbage.npz", "objects.npy"):
+        with pytest.raises(ValueError, match="not an ADM .npz"):
+            evaluate.load_samples(str(tmp_path / bad))
+        with pytest.raises(ValueError, match="not an ADM .npz"):
+            evaluate.reference_stats(str(tmp_path / bad), None, "cpu", 4)
 
 
 def test_precision_recall_analytic():

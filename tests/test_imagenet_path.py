@@ -84,10 +84,10 @@ def test_every_stage_through_torchrun(world, pickscore_dirs, tmp_path):
     report = json.load(open(tmp_path / "r" / "eval.json"))
     assert report["best"] is not None and report["start"]["drift"] == 0.0 and report["last"]["drift"] >= 0
     run("sample.py", SIZE + ["--ckpt", str(tmp_path / "r" / "checkpoint-last.pth"), "--vae", vae_file, "--one-step",
-                             "--num-images", "8", "--class-num", "2", "--batch-size", "2", "--num-iter", "2",
+                             "--num-images", "10", "--class-num", "2", "--batch-size", "2", "--num-iter", "2",
                              "--out-dir", str(tmp_path / "smp")])
     with np.load(tmp_path / "smp" / "samples.npz") as f:
-        assert f["arr_0"].shape == (8, 64, 64, 3) and f["arr_0"].dtype == np.uint8
+        assert f["arr_0"].shape == (10, 64, 64, 3) and f["arr_0"].dtype == np.uint8
     res = {}
     for name, samples in (("npz", tmp_path / "smp" / "samples.npz"), ("png", tmp_path / "smp" / "images")):
         res[name] = evaluate.main(["--samples", str(samples), "--ref-stats", str(d / "ref.npz"),

@@ -166,7 +166,8 @@ def gsim_step_peak(model_name, batch, flags, device):
     labels = torch.arange(batch, device=device) % teacher.class_num
     gen = torch.Generator(device).manual_seed(0)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    distill_gsim.gsim_step(teacher, head, aux, latents, labels, opt_g, opt_a, args, gen, trainable, precision, student)
+    distill_gsim.gsim_step(teacher=teacher, student_head=head, aux=aux, latents=latents, labels=labels, opt_g=opt_g,
+                           opt_a=opt_a, args=args, gen=gen, trainable=trainable, precision=precision, student=student)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 30
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2 ** 20  # KiB -> GiB

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import common
 import mar
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".JPEG")
@@ -243,7 +244,7 @@ def epoch_loader(dataset, step, steps_per_epoch, global_batch, world, rank, seed
 @torch.no_grad()
 def cache_latents(args):
     import vae as vae_lib
-    rank, world, device = mar.setup_distributed(args.device)
+    rank, world, device = common.setup_distributed(args.device)
     ds = ImageFolder(args.data_path, args.img_size, flip=False)
     ae = vae_lib.load_vae(args.vae).to(device)
     indices = list(range(rank, len(ds), world))  # every rank takes every world-th image
@@ -260,8 +261,8 @@ def cache_latents(args):
             tmp = out + ".tmp.npz"
             np.savez(tmp, moments=moments[j], moments_flip=moments_flip[j], label=label)
             os.replace(tmp, out)  # atomic: an interrupted run never leaves a half-written file
-        mar.print0(f"cached {min(start + args.batch_size, len(indices)) * world}/{len(ds)}")
-    mar.cleanup_distributed()
+        common.print0(f"cached {min(start + args.batch_size, len(indices)) * world}/{len(ds)}")
+    common.cleanup_distributed()
 
 
 def main():

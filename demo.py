@@ -34,7 +34,7 @@ import train_mar
 
 def stage_done(path, steps):
     """A stage is finished when its checkpoint exists and reached the planned step count."""
-    return os.path.exists(path) and mar.load_checkpoint(path)["step"] >= steps
+    return os.path.exists(path) and mar.read_checkpoint(path)["step"] >= steps
 
 
 def run_stages(args):

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import common
 import mar
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,21 +86,146 @@ def gsim_generator_loss(eps_teacher, eps_aux, noise, sigma, r=1e-5, path_weight=
     1-D case against finite differences). path_weight = 0 is the SIM paper's loss. Norms in fp32: |Delta|^2 of a
     well-trained student underflows in bf16.
     """
-    dt = torch.promote_types(eps_teacher.dtype, torch.float32)           # at least fp32 (bf16 in -> fp32)
-    delta = (eps_teacher - eps_aux).to(dt)                                # (N, D)
-    sr = (torch.as_tensor(sigma, dtype=dt, device=delta.device).reshape(-1) * r).expand(len(delta))  # (N,)
-    den = (delta.square().sum(-1) + sr.square()).sqrt()                    # (N,)
-    projection = (delta * (eps_aux.to(dt) - noise.to(dt))).sum(-1) / den
-    return (projection + path_weight * (den - sr)).mean()
+    # Paper names: s = -eps_hat / sigma (a score from an eps prediction); s_p the guided teacher score (MARVAL Eq. 10),
+    # s_q the student's score, estimated by the aux head's s_phi; y = s_q - s_p ~ s_phi - s_p = delta / sigma.
+    dt = torch.promote_types(eps_teacher.dtype, torch.float32)            # at least fp32 (bf16 in -> fp32)
+    delta = (eps_teacher - eps_aux).to(dt)                                 # (N, D): sigma * y
+    sigma_r = (torch.as_tensor(sigma, dtype=dt, device=delta.device).reshape(-1) * r).expand(len(delta))  # (N,)
+    norm = (delta.square().sum(-1) + sigma_r.square()).sqrt()              # (N,): sigma * sqrt(|y|^2 + r^2)
+    d_y = norm - sigma_r                                                   # (N,): sigma * d(y), pseudo-Huber
+    # sigma * (-d'(y)^T (s_phi - grad log p(x_t | x0))), with d'(y) = delta / norm and
+    # s_phi - grad log p(x_t | x0) = (eps - eps_phi) / sigma: the score-projection term (MARVAL A.10)
+    projection = (delta * (eps_aux.to(dt) - noise.to(dt))).sum(-1) / norm  # (N,)
+    return (projection + path_weight * d_y).mean()
 
 
 def aux_dsm_loss(aux_net, x0, c, diffusion, generator=None):
     """Denoising score matching of the auxiliary head on (detached) student tokens x0 (N, D), t ~ U{0..999}:
-    E |eps_phi(x_t, t, c) - eps|^2, mean over the D values and the tokens (MAR's MSE term)."""
+
+        E_{t, eps} |eps_phi(x_t, t, c) - eps|^2,   x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps   (DDPM Eq. 14, L_simple)
+
+    mean over the D values and the tokens (MAR's MSE term, without the variance term: phi only needs eps, i.e. the
+    score s_phi = -eps_phi / sigma that stands in for the student's s_q in SIM's theorem)."""
     t = mar.randint(0, diffusion.num_timesteps, (len(x0),), generator, x0.device)
     eps = mar.randn(x0.shape, generator, x0.device)
     out = aux_net(diffusion.q_sample(x0, t, eps), t, c)
     return F.mse_loss(out[:, : x0.shape[1]].float(), eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One GSIM iteration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def generator_loss_fp32(teacher_head, aux, x_t, t, c, c_null, eps, sigma, args):
+    """The generator loss with the teacher and auxiliary head calls (and so Delta) in fp32 whatever the autocast
+    around it: the pseudo-Huber gradient keeps only Delta / |Delta|, and eps_p, eps_phi rounded to bf16 before the
+    subtraction lose that direction as the student converges (DESIGN 11). Returns (loss, eps_p, eps_phi)."""
+    C = x_t.shape[-1]
+    with torch.autocast(x_t.device.type, enabled=False):
+        x_t, c, c_null = x_t.float(), c.float(), c_null.float()
+        eps_p = mar.guided_eps(teacher_head, x_t, t, c, c_null, args.teacher_cfg)[:, :C]   # (mN, C)
+        eps_phi = aux(x_t, t, c)[:, :C]                                                     # (mN, C)
+        return gsim_generator_loss(eps_p, eps_phi, eps, sigma, args.r, args.path_weight), eps_p, eps_phi
+
+
+def gsim_step(*, teacher, student_head, aux, latents, labels, opt_g, opt_a, args, gen, trainable, precision="fp32",
+              student=None):
+    """One generator update and `args.aux_steps` auxiliary updates on a batch of latents (B, C, H, W), labels (B,).
+    Keyword arguments only: three networks and two optimizers are easy to swap by position.
+
+    teacher: the frozen MAR (its transformer gives the contexts, its head the guided target eps_p). student_head:
+    the one-step head g_theta being trained. student: with --train-transformer, the student's own MAR (whose head
+    is `student_head`), else None (head-only: the teacher's transformer is shared, no copy of it is kept).
+    """
+    device, C = latents.device, teacher.token_embed_dim
+    diff = teacher.diffloss.train_diffusion
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    # 1. contexts: random order, one mask ratio for the batch, conditions from the frozen teacher transformer
+    gt = teacher.patchify(latents)                                                    # (B, L, C)
+    orders = teacher.sample_orders(len(gt), gen, device)
+    ratio = args.mask_ratio  # None: MAR's truncated Gaussian, or with --uniform-mask-prob U(0, 1]
+    if ratio is None and mar.rand((), gen).item() < args.uniform_mask_prob:
+        ratio = 1.0 - mar.rand((), gen).item()
+    mask = teacher.random_masking(orders, ratio, gen)                                 # (B, L), 1 = to generate
+    sel = mask.bool()
+    with torch.no_grad(), autocast:
+        c = teacher.conditions(gt, mask, teacher.class_emb(labels))[sel].float()      # (N, Dz), N masked tokens
+        c_null = teacher.conditions(gt, mask, teacher.fake_latent.expand(len(gt), -1))[sel].float()
+    if student is not None:  # the student's own conditions (with grad); teacher and aux keep the teacher's c
+        with autocast:
+            c_student = student.conditions(gt, mask, student.class_emb(labels))[sel].float()
+    else:
+        c_student = c
+    m = teacher.diffusion_batch_mul  # several (z, t, eps) draws per token, as MAR's training does
+    c, c_null, c_student = c.repeat(m, 1), c_null.repeat(m, 1), c_student.repeat(m, 1)   # (mN, Dz)
+    # 2.-3. one-step student tokens, re-noised at t ~ U{t_min..t_max}
+    z = mar.randn((len(c), C), gen, device)
+    with autocast:
+        x0 = mar.one_step_x0(student_head, z, c_student, diff).float()                # (mN, C), graph to theta
+    t = mar.randint(args.t_min, args.t_max + 1, (len(x0),), gen, device)
+    eps = mar.randn(x0.shape, gen, device)
+    x_t = diff.q_sample(x0, t, eps)                                                   # (mN, C)
+    sigma = (1 - diff.alphas_cumprod.to(device)[t]).sqrt().float()                    # (mN,)
+    # 4. generator loss: teacher and aux parameters frozen, their inputs NOT detached (gradients flow via x_t)
+    aux.requires_grad_(False)
+    loss_g, eps_p, eps_phi = generator_loss_fp32(teacher.diffloss.net, aux, x_t, t, c, c_null, eps, sigma, args)
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    common.all_reduce_grads(trainable)
+    gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+    opt_g.step()
+    aux.requires_grad_(True)
+    # 5. auxiliary: DSM on the detached student tokens, fresh t and eps each step
+    x0_d = x0.detach()
+    for _ in range(args.aux_steps):
+        with autocast:
+            loss_a = aux_dsm_loss(aux, x0_d, c, diff, gen)
+        opt_a.zero_grad(set_to_none=True)
+        loss_a.backward()
+        common.all_reduce_grads(list(aux.parameters()))
+        torch.nn.utils.clip_grad_norm_(aux.parameters(), args.grad_clip)
+        opt_a.step()
+    with torch.no_grad():
+        y = (eps_p - eps_phi).norm(dim=-1) / sigma                                      # |y| in score units
+    return {"loss_g": loss_g.item(), "loss_aux": loss_a.item(), "y_mean": y.mean().item(),
+            "y_max": y.max().item(), "grad_norm_g": float(gnorm), "mask_ratio": mask.mean().item()}
+
+
+def build_gsim(teacher, args):
+    """The trained networks around ONE frozen teacher MAR: (student MAR or None, student head, its EMA, aux head,
+    trainable parameters, generator optimizer, aux optimizer). Head-only (default) keeps no copy of the transformer:
+    the student is the teacher's transformer + the student head, and its EMA is an EMA of the head alone."""
+    # Block checkpointing of all three heads: each keeps its activations for the backward through x_t otherwise
+    # (MAR-H at 64 per GPU: DESIGN 11, README "Memory"). The frozen transformer runs without grad: nothing to keep.
+    teacher.diffloss.net.grad_checkpointing = args.grad_checkpointing
+    if args.train_transformer:
+        student = copy.deepcopy(teacher).requires_grad_(True)
+        student.grad_checkpointing = args.grad_checkpointing
+        student_head, ema = student.diffloss.net, copy.deepcopy(student)      # EMA of the whole student MAR
+    else:
+        student = None
+        student_head = copy.deepcopy(teacher.diffloss.net).requires_grad_(True)
+        ema = copy.deepcopy(student_head)                                      # EMA of the head alone
+    ema.requires_grad_(False)
+    aux = copy.deepcopy(teacher.diffloss.net).requires_grad_(True)
+    trainable = list((student or student_head).parameters())
+    opt_g = torch.optim.AdamW(trainable, lr=args.lr_g, betas=tuple(args.betas), weight_decay=0.0)
+    opt_a = torch.optim.AdamW(aux.parameters(), lr=args.lr_aux, betas=tuple(args.betas), weight_decay=0.0)
+    return student, student_head, ema, aux, trainable, opt_g, opt_a
+
+
+def with_head(mar_state, head_state):
+    """A full MAR state dict: `mar_state` with its diffusion head replaced by `head_state` (a SimpleMLPAdaLN's)."""
+    out = dict(mar_state)
+    for k, v in head_state.items():
+        out["diffloss.net." + k] = v
+    return out
+
+
+def head_of(mar_state):
+    """The diffusion head's entries of a MAR state dict, prefix removed."""
+    return {k[len("diffloss.net."):]: v for k, v in mar_state.items() if k.startswith("diffloss.net.")}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,128 +303,13 @@ def get_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One GSIM iteration
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def generator_loss_fp32(teacher_head, aux, x_t, t, c, c_null, eps, sigma, args):
-    """The generator loss with the teacher and auxiliary head calls (and so Delta) in fp32 whatever the autocast
-    around it: the pseudo-Huber gradient keeps only Delta / |Delta|, and eps_p, eps_phi rounded to bf16 before the
-    subtraction lose that direction as the student converges (DESIGN 11). Returns (loss, eps_p, eps_phi)."""
-    C = x_t.shape[-1]
-    with torch.autocast(x_t.device.type, enabled=False):
-        x_t, c, c_null = x_t.float(), c.float(), c_null.float()
-        eps_p = mar.guided_eps(teacher_head, x_t, t, c, c_null, args.teacher_cfg)[:, :C]   # (mN, C)
-        eps_phi = aux(x_t, t, c)[:, :C]                                                     # (mN, C)
-        return gsim_generator_loss(eps_p, eps_phi, eps, sigma, args.r, args.path_weight), eps_p, eps_phi
-
-
-def gsim_step(teacher, student_head, aux, latents, labels, opt_g, opt_a, args, gen, trainable, precision="fp32",
-              student=None):
-    """One generator update and `args.aux_steps` auxiliary updates on a batch of latents (B, C, H, W).
-
-    teacher: the frozen MAR (its transformer gives the contexts, its head the guided target eps_p). student_head:
-    the one-step head g_theta being trained. student: with --train-transformer, the student's own MAR (whose head
-    is `student_head`), else None (head-only: the teacher's transformer is shared, no copy of it is kept).
-    """
-    device, C = latents.device, teacher.token_embed_dim
-    diff = teacher.diffloss.train_diffusion
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    # 1. contexts: random order, one mask ratio for the batch, conditions from the frozen teacher transformer
-    gt = teacher.patchify(latents)                                                    # (B, L, C)
-    orders = teacher.sample_orders(len(gt), gen, device)
-    ratio = args.mask_ratio  # None: MAR's truncated Gaussian, or with --uniform-mask-prob U(0, 1]
-    if ratio is None and mar.rand((), gen).item() < args.uniform_mask_prob:
-        ratio = 1.0 - mar.rand((), gen).item()
-    mask = teacher.random_masking(orders, ratio, gen)                                 # (B, L), 1 = to generate
-    sel = mask.bool()
-    with torch.no_grad(), autocast:
-        c = teacher.conditions(gt, mask, teacher.class_emb(labels))[sel].float()      # (N, Dz), N masked tokens
-        c_null = teacher.conditions(gt, mask, teacher.fake_latent.expand(len(gt), -1))[sel].float()
-    if student is not None:  # the student's own conditions (with grad); teacher and aux keep the teacher's c
-        with autocast:
-            c_student = student.conditions(gt, mask, student.class_emb(labels))[sel].float()
-    else:
-        c_student = c
-    m = teacher.diffusion_batch_mul  # several (z, t, eps) draws per token, as MAR's training does
-    c, c_null, c_student = c.repeat(m, 1), c_null.repeat(m, 1), c_student.repeat(m, 1)   # (mN, Dz)
-    # 2.-3. one-step student tokens, re-noised at t ~ U{t_min..t_max}
-    z = mar.randn((len(c), C), gen, device)
-    with autocast:
-        x0 = mar.one_step_x0(student_head, z, c_student, diff).float()                # (mN, C), graph to theta
-    t = mar.randint(args.t_min, args.t_max + 1, (len(x0),), gen, device)
-    eps = mar.randn(x0.shape, gen, device)
-    x_t = diff.q_sample(x0, t, eps)                                                   # (mN, C)
-    sigma = (1 - diff.alphas_cumprod.to(device)[t]).sqrt().float()                    # (mN,)
-    # 4. generator loss: teacher and aux parameters frozen, their inputs NOT detached (gradients flow via x_t)
-    aux.requires_grad_(False)
-    loss_g, eps_p, eps_phi = generator_loss_fp32(teacher.diffloss.net, aux, x_t, t, c, c_null, eps, sigma, args)
-    opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    mar.all_reduce_grads(trainable)
-    gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-    opt_g.step()
-    aux.requires_grad_(True)
-    # 5. auxiliary: DSM on the detached student tokens, fresh t and eps each step
-    x0_d = x0.detach()
-    for _ in range(args.aux_steps):
-        with autocast:
-            loss_a = aux_dsm_loss(aux, x0_d, c, diff, gen)
-        opt_a.zero_grad(set_to_none=True)
-        loss_a.backward()
-        mar.all_reduce_grads(list(aux.parameters()))
-        torch.nn.utils.clip_grad_norm_(aux.parameters(), args.grad_clip)
-        opt_a.step()
-    with torch.no_grad():
-        y = (eps_p - eps_phi).norm(dim=-1) / sigma                                      # |y| in score units
-    return {"loss_g": loss_g.item(), "loss_aux": loss_a.item(), "y_mean": y.mean().item(),
-            "y_max": y.max().item(), "grad_norm_g": float(gnorm), "mask_ratio": mask.mean().item()}
-
-
-def build_gsim(teacher, args):
-    """The trained networks around ONE frozen teacher MAR: (student MAR or None, student head, its EMA, aux head,
-    trainable parameters, generator optimizer, aux optimizer). Head-only (default) keeps no copy of the transformer:
-    the student is the teacher's transformer + the student head, and its EMA is an EMA of the head alone."""
-    # Block checkpointing of all three heads: each keeps its activations for the backward through x_t otherwise
-    # (MAR-H at 64 per GPU: DESIGN 11, README "Memory"). The frozen transformer runs without grad: nothing to keep.
-    teacher.diffloss.net.grad_checkpointing = args.grad_checkpointing
-    if args.train_transformer:
-        student = copy.deepcopy(teacher).requires_grad_(True)
-        student.grad_checkpointing = args.grad_checkpointing
-        student_head, ema = student.diffloss.net, copy.deepcopy(student)      # EMA of the whole student MAR
-    else:
-        student = None
-        student_head = copy.deepcopy(teacher.diffloss.net).requires_grad_(True)
-        ema = copy.deepcopy(student_head)                                      # EMA of the head alone
-    ema.requires_grad_(False)
-    aux = copy.deepcopy(teacher.diffloss.net).requires_grad_(True)
-    trainable = list((student or student_head).parameters())
-    opt_g = torch.optim.AdamW(trainable, lr=args.lr_g, betas=tuple(args.betas), weight_decay=0.0)
-    opt_a = torch.optim.AdamW(aux.parameters(), lr=args.lr_aux, betas=tuple(args.betas), weight_decay=0.0)
-    return student, student_head, ema, aux, trainable, opt_g, opt_a
-
-
-def with_head(mar_state, head_state):
-    """A full MAR state dict: `mar_state` with its diffusion head replaced by `head_state` (a SimpleMLPAdaLN's)."""
-    out = dict(mar_state)
-    for k, v in head_state.items():
-        out["diffloss.net." + k] = v
-    return out
-
-
-def head_of(mar_state):
-    """The diffusion head's entries of a MAR state dict, prefix removed."""
-    return {k[len("diffloss.net."):]: v for k, v in mar_state.items() if k.startswith("diffloss.net.")}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device, bsz = mar.start_run(args)
+    rank, world, device, bsz = common.start_run(args)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     # -- data ------------------------------------------------------------------------------------------------------
@@ -312,10 +323,10 @@ def main(argv=None):
         (lambda: mar.PRESETS[args.model](img_size=args.img_size))
     teacher = mar.load_mar(args.teacher, build(), use_ema=True).to(device).eval().requires_grad_(False)
     student, student_head, ema, aux, trainable, opt_g, opt_a = build_gsim(teacher, args)
-    mar.print0(f"student: {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters "
+    common.print0(f"student: {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters "
                f"({'transformer + head' if student else 'head only'}); teacher cfg {args.teacher_cfg}; {precision}, "
                f"teacher/aux heads of the generator loss in fp32")
-    teacher_sd = {k: v for k, v in teacher.state_dict().items()} if student is None else None
+    teacher_sd = dict(teacher.state_dict()) if student is None else None
 
     def full_state(module):  # the MAR state dict of the student (or its EMA)
         return module.state_dict() if student is not None else with_head(teacher_sd, module.state_dict())
@@ -326,18 +337,18 @@ def main(argv=None):
     step = 0
     ckpt_path = os.path.join(args.out_dir, "checkpoint-last.pth")
     if args.resume and os.path.exists(ckpt_path):
-        ck = mar.load_checkpoint(ckpt_path)
+        ck = mar.read_checkpoint(ckpt_path)
         load_full(student or student_head, ck["model"], ckpt_path)
         load_full(ema, ck["model_ema"], ckpt_path + " [model_ema]")
         mar.load_state_dict_strict(aux, ck["aux"], ckpt_path + " [aux]")
         opt_g.load_state_dict(ck["optimizer"])
         opt_a.load_state_dict(ck["optimizer_aux"])
         step = ck["step"]
-        mar.print0(f"resumed from {ckpt_path} at step {step}")
+        common.print0(f"resumed from {ckpt_path} at step {step}")
 
     def save():
-        if mar.is_main():
-            mar.save_checkpoint(ckpt_path, {"model": full_state(student or student_head), "model_ema": full_state(ema),
+        if common.is_main():
+            common.save_checkpoint(ckpt_path, {"model": full_state(student or student_head), "model_ema": full_state(ema),
                                             "aux": aux.state_dict(), "optimizer": opt_g.state_dict(),
                                             "optimizer_aux": opt_a.state_dict(), "step": step, "args": vars(args)})
 
@@ -349,13 +360,13 @@ def main(argv=None):
         return m
 
     evaluator = None
-    if args.preset == "toy" and mar.is_main() and args.eval_images > 0:
+    if args.preset == "toy" and common.is_main() and args.eval_images > 0:
         from evaluate import ToyEvaluator
         evaluator = ToyEvaluator(args.classifier)
 
     # -- loop ------------------------------------------------------------------------------------------------------
     last = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
-    log = mar.RunLog(args.out_dir, last, step, "distill_gsim")
+    log = common.RunLog(args.out_dir, last, step, "distill_gsim")
     aux.train()
     workers = 0 if args.preset == "toy" else args.num_workers
     while step < last:
@@ -363,13 +374,14 @@ def main(argv=None):
                                    workers, device)
         for xb, yb in loader:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            gen = torch.Generator(device).manual_seed(mar.step_seed(args.seed, rank, step))
+            gen = torch.Generator(device).manual_seed(common.step_seed(args.seed, rank, step))
             with torch.no_grad():
                 latents = to_latents(xb, gen)
-            stats = gsim_step(teacher, student_head, aux, latents, yb, opt_g, opt_a, args, gen, trainable, precision,
-                              student)
+            stats = gsim_step(teacher=teacher, student_head=student_head, aux=aux, latents=latents, labels=yb,
+                              opt_g=opt_g, opt_a=opt_a, args=args, gen=gen, trainable=trainable, precision=precision,
+                              student=student)
             step += 1
-            mar.update_ema(ema, student or student_head, args.ema_rate)
+            common.update_ema(ema, student or student_head, args.ema_rate)
             log.add(stats)
             if step % args.log_every == 0 or step == last:
                 extra = {}
@@ -381,7 +393,7 @@ def main(argv=None):
             if step >= last:
                 break
     log.close()
-    mar.assert_ranks_agree(student or student_head)
+    common.assert_ranks_agree(student or student_head)
 
     # -- toy: teacher (100 head steps, guided like the distillation target) vs one-step student --------------------
     if evaluator is not None:
@@ -389,9 +401,9 @@ def main(argv=None):
         with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
             json.dump(report, f, indent=2)
         for who in ("teacher", "student"):
-            mar.print0(f"{who:8s} " + ", ".join(f"{k} {v:.4g}" for k, v in report[who].items()))
-        mar.print0(f"speedup {report['speedup']:.1f}x; real-split FID floor {report['real_split_fid']:.3f}")
-    mar.cleanup_distributed()
+            common.print0(f"{who:8s} " + ", ".join(f"{k} {v:.4g}" for k, v in report[who].items()))
+        common.print0(f"speedup {report['speedup']:.1f}x; real-split FID floor {report['real_split_fid']:.3f}")
+    common.cleanup_distributed()
 
 
 def student_metrics(student, evaluator, args):

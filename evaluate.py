@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 
+import common
 import mar
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -57,7 +58,7 @@ def feature_stats(feats):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), float64.
+    """FID (Heusel et al. 2017, arXiv:1706.08500, Eq. 6): ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), float64.
 
     If the product is singular, sqrtm is retried with eps added to both diagonals (as pytorch-fid does); a tiny
     imaginary part from numerical error is dropped, a large one is an error.
@@ -349,7 +350,7 @@ def train_toy_classifier(steps=1500, seed=0, verbose=True):
     with torch.no_grad():
         acc = (model(xh).argmax(1) == yh).float().mean().item()
     if verbose:
-        mar.print0(f"toy classifier: held-out accuracy {acc:.3f}")
+        common.print0(f"toy classifier: held-out accuracy {acc:.3f}")
     return model, acc
 
 
@@ -360,7 +361,7 @@ def load_toy_classifier(path="runs/toy_classifier.pt"):
         mar.load_state_dict_strict(model, mar.read_checkpoint(path)["model"], f"toy classifier {path!r}")
         return model.eval()
     model, acc = train_toy_classifier()
-    mar.save_checkpoint(path, {"model": model.state_dict(), "heldout_accuracy": acc})
+    common.save_checkpoint(path, {"model": model.state_dict(), "heldout_accuracy": acc})
     return model
 
 

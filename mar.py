@@ -1,13 +1,19 @@
 """MAR (Li et al. 2024, arXiv:2406.11838) and the MARVAL one-step sampler (Gu et al. 2025, arXiv:2511.15190).
 
-This is the math file of the project. Every stage imports it. It holds:
+The math file of the project, with gaussian_diffusion.py (the IDDPM process the head runs on). Every stage imports
+it. Read it top to bottom:
 
-  1. the MAR transformer (masked encoder/decoder, state-dict compatible with the official checkpoints),
-  2. the per-token diffusion head `SimpleMLPAdaLN` and MAR's Gaussian diffusion (cosine schedule, learned-range
-     variance, MSE + variational-bound loss, IDDPM respacing), in ~250 lines instead of ADM's 900,
-  3. the samplers: MAR's teacher sampler (K AR iterations x N reverse diffusion steps, CFG) and MARVAL's one-step
-     sampler (K AR iterations x 1 head call from the fixed step t* = 400),
-  4. small shared helpers (DDP setup, EMA, atomic checkpoints) that every training script needs.
+  1. the transformer block (timm's pre-norm ViT block, written out),
+  2. the per-token diffusion head `SimpleMLPAdaLN` and `DiffLoss` (MAR sec. 3.2, Eq. 1: the per-token diffusion
+     loss), with `guided_eps` (CFG on eps; MARVAL Eq. 10) and `one_step_x0` (MARVAL's one-step generator),
+  3. the masking and sampling schedules (MAR sec. 4.2 and appendix B) and the random-draw helpers,
+  4. `MAR`: masked encoder/decoder, state-dict compatible with the official checkpoints, its training loss and
+     `sample_tokens`: MAR's teacher sampler (K AR iterations x N reverse diffusion steps, CFG) and MARVAL's
+     one-step sampler (K AR iterations x 1 head call from the fixed step t* = 400),
+  5. presets (the released B / L / H and a tiny one) and checkpoint loading (strict, EMA weights by default).
+
+The run machinery around it (process group, all-reduce, run log, atomic save, EMA, seeds) is in common.py.
+README's equation index maps every equation of the papers to its function.
 
 Nothing here calls `.cuda()`: the device comes from the inputs. Randomness takes an optional `torch.Generator`
 (or, in the sampler, one generator per image, so an image does not depend on who else is in its batch).
@@ -25,19 +31,18 @@ Quick use:
     images = vae.decode(latents / 0.2325)
 """
 import argparse
-import json
 import math
 import os
 import pickle
-import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
+
+from gaussian_diffusion import GaussianDiffusion
 
 # MAR's KL-16 latents are multiplied by this before the transformer ("normalize the std of latent to be 1").
 VAE_SCALE = 0.2325
@@ -117,7 +122,7 @@ class ResBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
     def forward(self, x, y):
-        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)  # (N, W) each
         return x + gate * self.mlp(self.in_ln(x) * (1 + scale) + shift)
 
 
@@ -129,7 +134,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
     def forward(self, x, y):
-        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)  # (N, W) each
         return self.linear(self.norm_final(x) * (1 + scale) + shift)
 
 
@@ -174,179 +179,18 @@ class SimpleMLPAdaLN(nn.Module):
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half]), t, c)
         eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
-        cond, uncond = eps.chunk(2)
+        cond, uncond = eps.chunk(2)  # (N/2, C) each
         guided = uncond + cfg_scale * (cond - uncond)
         return torch.cat([torch.cat([guided, guided]), rest], dim=1)
 
 
-# ==== Gaussian diffusion of the head (IDDPM, Nichol & Dhariwal 2021, arXiv:2102.09672): only what MAR uses ====
-
-def cosine_betas(T=1000, max_beta=0.999):
-    """IDDPM Eq. 17: alpha_bar(t) = f(t)/f(0), f(t) = cos(((t/T) + s)/(1 + s) * pi/2)^2, s = 0.008.
-
-    beta_t = min(1 - alpha_bar(t+1)/alpha_bar(t), 0.999), float64. (The f(0) normalisation cancels in the ratio.)
-    """
-    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
-    return np.array([min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=np.float64)
-
-
-def space_timesteps(T, spec):
-    """IDDPM respacing: which of T steps to keep. spec "100" -> 100 evenly spaced steps with a FRACTIONAL stride
-    (T-1)/(n-1), rounding the accumulated index: {0, 10, 20, ..., 989, 999}. A comma list "10,15" splits T into equal sections.
-
-    Deviation: "1" keeps {T-1} (one x0 prediction from pure noise). IDDPM keeps {0}, a no-op denoise of x_T on which
-    its own posterior-variance code then fails; MAR never uses one step.
-    """
-    spec = str(spec)
-    if spec == "1":
-        return [T - 1]
-    if spec.startswith("ddim"):
-        raise NotImplementedError("ddimN respacing is not used by MAR; pass a step count such as '100'")
-    counts = [int(s) for s in spec.split(",")]
-    size, extra = divmod(T, len(counts))
-    kept, start = set(), 0
-    for i, n in enumerate(counts):
-        length = size + (1 if i < extra else 0)
-        if n > length or n < 1:
-            raise ValueError(f"cannot keep {n} of {length} steps (respacing spec {spec!r})")
-        stride = (length - 1) / (n - 1) if n > 1 else 1
-        # The index ACCUMULATES (cur += stride), as IDDPM's respace.py does: round(stride * j) would keep different
-        # steps for 278 of the counts 2..1000 (float error lands on the other side of .5; "100" is unaffected).
-        cur = 0.0
-        for _ in range(n):
-            kept.add(start + round(cur))  # Python round (half to even), like IDDPM
-            cur += stride
-        start += length
-    return sorted(kept)
-
-
-class GaussianDiffusion:
-    """MAR's diffusion: cosine schedule over T = 1000, eps prediction, learned-range variance, optional respacing.
-
-    With `respacing` (e.g. "100") the process runs on a subset of steps `timestep_map` (IDDPM section 4): the betas
-    are recomputed from the kept alpha_bar values, beta'_k = 1 - abar[t_k] / abar[t_{k-1}], and the network is
-    always called with the ORIGINAL step t_k. Indices `t` passed to the methods below index this (respaced) process.
-
-    Public arrays (float64 torch): betas, alphas_cumprod, alphas_cumprod_prev, posterior_variance,
-    posterior_log_variance_clipped, posterior_mean_coef1/2; timestep_map (long).
-    """
-
-    def __init__(self, num_timesteps=1000, respacing=None):
-        base_abar = np.cumprod(1.0 - cosine_betas(num_timesteps))
-        kept = list(range(num_timesteps)) if respacing in (None, "") else space_timesteps(num_timesteps, respacing)
-        betas, last = [], 1.0
-        for t in kept:
-            betas.append(1.0 - base_abar[t] / last)
-            last = base_abar[t]
-        b = np.array(betas, dtype=np.float64)
-        abar = np.cumprod(1.0 - b)
-        abar_prev = np.append(1.0, abar[:-1])
-        post_var = b * (1.0 - abar_prev) / (1.0 - abar)  # variance of q(x_{t-1} | x_t, x0)
-        T = torch.from_numpy
-        self.num_timesteps = len(b)
-        self.timestep_map = torch.tensor(kept, dtype=torch.long)
-        self.betas, self.alphas_cumprod, self.alphas_cumprod_prev = T(b), T(abar), T(abar_prev)
-        self.posterior_variance = T(post_var)
-        # log of the posterior variance with entry 0 (which is 0) replaced by entry 1, as IDDPM does. With a single
-        # step there is no entry 1; log(beta) stands in (step 0 adds no noise, so it is never used for sampling).
-        clipped = np.append(post_var[1], post_var[1:]) if len(b) > 1 else b
-        self.posterior_log_variance_clipped = T(np.log(clipped))
-        self.posterior_mean_coef1 = T(b * np.sqrt(abar_prev) / (1.0 - abar))
-        self.posterior_mean_coef2 = T((1.0 - abar_prev) * np.sqrt(1.0 - b) / (1.0 - abar))
-
-    @staticmethod
-    def _at(arr, t, x):
-        """arr[t] as fp32, shaped (N, 1, ...) to broadcast against x (official `_extract_into_tensor`)."""
-        out = arr.to(t.device)[t].float()
-        return out.reshape(-1, *([1] * (x.dim() - 1)))
-
-    def q_sample(self, x0, t, noise):
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (DDPM Eq. 4)."""
-        a = self._at(self.alphas_cumprod, t, x0)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-    def q_posterior(self, x0, x_t, t):
-        """Mean and log-variance of q(x_{t-1} | x_t, x0) (DDPM Eqs. 6-7)."""
-        mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, self._at(self.posterior_log_variance_clipped, t, x_t)
-
-    def predict_x0(self, x_t, t, eps):
-        """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), written as sqrt(1/abar) x_t - sqrt(1/abar - 1) eps."""
-        a = self.alphas_cumprod
-        return self._at(1.0 / a.sqrt(), t, x_t) * x_t - self._at((1.0 / a - 1).sqrt(), t, x_t) * eps
-
-    def p_mean_variance(self, model_out, x_t, t, clip_denoised=False):
-        """p(x_{t-1} | x_t) from the head's output (N, 2C) = [eps | v] (IDDPM Eq. 15, learned-range variance).
-
-        log var = frac * log(beta_t) + (1 - frac) * log(posterior var), frac = (v + 1) / 2.
-        Returns dict(mean, variance, log_variance, pred_xstart). `clip_denoised` clips x0 to [-1, 1]: right for
-        pixel-space data (the toy), wrong for MAR's unbounded latents (MAR passes False).
-        """
-        C = x_t.shape[-1]
-        eps, v = model_out[..., :C], model_out[..., C:]
-        min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
-        max_log = self._at(self.betas.log(), t, x_t)
-        frac = (v + 1) / 2
-        log_var = frac * max_log + (1 - frac) * min_log
-        x0 = self.predict_x0(x_t, t, eps)
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-        mean, _ = self.q_posterior(x0, x_t, t)
-        return {"mean": mean, "variance": log_var.exp(), "log_variance": log_var, "pred_xstart": x0}
-
-    def p_sample(self, model_out, x_t, t, noise, temperature=1.0, clip_denoised=False):
-        """One reverse step: x_{t-1} = mean + [t > 0] * exp(log_var / 2) * noise * temperature.
-
-        The temperature scales only the per-step noise (MAR's sigma_t * tau * delta), not the initial x_T.
-        """
-        out = self.p_mean_variance(model_out, x_t, t, clip_denoised)
-        nonzero = (t != 0).float().reshape(-1, *([1] * (x_t.dim() - 1)))
-        return out["mean"] + nonzero * (0.5 * out["log_variance"]).exp() * noise * temperature
-
-    def training_losses(self, net, x0, t, c, noise):
-        """MAR's per-row loss: MSE(eps) + variational bound on the variance only (IDDPM Eq. 16, L_hybrid, lambda=1).
-
-        x0, noise (N, C); t (N,) indices of THIS process (the 1000-step one in training); c (N, Dz).
-        The vb term sees the eps prediction DETACHED, so it trains only the variance channels. It is the KL of
-        q(x_{t-1}|x_t,x0) to p(x_{t-1}|x_t) in bits for t > 0 and the discretised-Gaussian NLL of x0 for t = 0.
-        Returns dict(mse, vb, loss), each (N,).
-        """
-        x_t = self.q_sample(x0, t, noise)
-        out = net(x_t, self.timestep_map.to(t.device)[t], c)  # (N, 2C)
-        C = x0.shape[-1]
-        mse = ((noise - out[:, :C]) ** 2).mean(dim=-1)
-        frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=-1)
-        p = self.p_mean_variance(frozen, x_t, t)
-        true_mean, true_logvar = self.q_posterior(x0, x_t, t)
-        kl = normal_kl(true_mean, true_logvar, p["mean"], p["log_variance"]).mean(dim=-1) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"]).mean(dim=-1) / math.log(2.0)
-        vb = torch.where(t == 0, nll, kl)
-        return {"mse": mse, "vb": vb, "loss": mse + vb}
-
-
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + (logvar1 - logvar2).exp() + (mean1 - mean2) ** 2 * (-logvar2).exp())
-
-
-def discretized_gaussian_log_likelihood(x, means, log_scales):
-    """log-likelihood of data x in [-1, 1] quantised to 256 bins under N(means, e^(2 log_scales)) (DDPM sec. 3.3).
-
-    MAR applies this verbatim to its latents at t = 0 (the bin edges assume 8-bit data); we keep it for parity.
-    """
-    def cdf(v):  # tanh approximation of the standard normal CDF, as in the reference code
-        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
-
-    centered, inv_std = x - means, (-log_scales).exp()
-    cdf_plus, cdf_min = cdf(inv_std * (centered + 1.0 / 255)), cdf(inv_std * (centered - 1.0 / 255))
-    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
-    log_one_minus_cdf_min = (1.0 - cdf_min).clamp(min=1e-12).log()
-    log_delta = (cdf_plus - cdf_min).clamp(min=1e-12).log()
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
-
-
 class DiffLoss(nn.Module):
-    """MAR's diffusion head module: `net` plus the training (1000-step) and sampling (respaced) diffusions."""
+    """MAR's Diffusion Loss (MAR arXiv:2406.11838 sec. 3.2, Eq. 1): a small denoiser eps_theta(x_t | t, z) models
+    each token's distribution p(x | z) given the transformer's condition z, trained by
+
+        L(z, x) = E_{eps, t} |eps - eps_theta(x_t | t, z)|^2     (+ IDDPM's variance term, gaussian_diffusion.py)
+
+    `net` plus the training (1000-step) and sampling (respaced) diffusions."""
 
     def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps="100", grad_checkpointing=False):
         super().__init__()
@@ -378,6 +222,9 @@ class DiffLoss(nn.Module):
     def sample(self, c, x_T, step_noise, c_null=None, cfg=1.0, temperature=1.0, num_steps=None, clip_denoised=False):
         """MAR teacher: reverse diffusion of N tokens from x_T (N, C) over the respaced steps, CFG on eps.
 
+        Each step is MAR sec. 3.2's sampler x_{t-1} = mean(x_t, eps_theta) + sigma_t tau delta (MAR Eq. 2 with its
+        temperature tau; `GaussianDiffusion.p_sample`).
+
         step_noise: (S, N, C) noise for the S reverse steps (drawn by the caller, so a generator decides it).
         """
         diff = self.gen_diffusion(num_steps)
@@ -394,16 +241,17 @@ class DiffLoss(nn.Module):
 
 
 def guided_eps(net, x, t, c, c_null=None, cfg=1.0):
-    """Head output (N, 2C) with CFG on eps only: eps_u + cfg * (eps_c - eps_u); variance from the cond branch.
+    """Head output (N, 2C) with CFG on eps only: eps_hat = eps_u + cfg * (eps_c - eps_u); variance from the cond branch.
 
-    MAR's convention (MAR arXiv:2406.11838 sec. 5; MARVAL Eq. 10 writes the same with w = cfg - 1). x (N, C),
+    MAR's convention (MAR arXiv:2406.11838 appendix B). In score form s = -eps_hat / sigma this is MARVAL Eq. 10,
+    s_p = (1 + w) s(x_t | c) - w s(x_t | null) with w = cfg - 1 (README's equation index on the two readings). x (N, C),
     t (N,) ORIGINAL steps, c / c_null (N, Dz). Equivalent to `net.forward_with_cfg` on the doubled batch but keeps one
     trajectory of N rows (the official second half is computed and thrown away).
     """
     if c_null is None or cfg == 1.0:
         return net(x, t, c)
     out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, c_null]))  # (2N, 2C): [cond; uncond]
-    cond, uncond = out.chunk(2)
+    cond, uncond = out.chunk(2)  # (N, 2C) each
     C = x.shape[-1]
     return torch.cat([uncond[:, :C] + cfg * (cond[:, :C] - uncond[:, :C]), cond[:, C:]], dim=-1)
 
@@ -428,6 +276,9 @@ def one_step_x0(net, z, c, diffusion, c_null=None, cfg=1.0, clip_denoised=False)
 def truncnorm_mask_ratio(mask_ratio_min, generator=None):
     """One masking ratio from N(1, 0.25^2) truncated to [mask_ratio_min, 1] (MAR training), by inverse CDF.
 
+    MAR sec. 4.2 samples training masking ratios in [0.7, 1]; the law (a Gaussian at 1 with std 0.25, truncated) is
+    the official code's. Inverse CDF: r = 1 + 0.25 Phi^-1(Phi(a) + u (Phi(0) - Phi(a))), a = (min - 1) / 0.25.
+
     Same law as the official scipy.stats.truncnorm(a=(min-1)/0.25, b=0, loc=1, scale=0.25); drawn from a torch
     generator so runs are reproducible without numpy's global state.
     """
@@ -438,7 +289,8 @@ def truncnorm_mask_ratio(mask_ratio_min, generator=None):
 
 
 def mask_schedule(seq_len, num_iter):
-    """MAR's sampler schedule (MaskGIT cosine): for each AR step, (tokens predicted, tokens still masked after).
+    """MAR's sampler schedule (MAR sec. 4.2, the cosine schedule of MaskGIT, Chang et al. 2022, arXiv:2202.04200):
+    for each AR step, (tokens predicted, tokens still masked after).
 
     After step k, floor(L cos(pi/2 (k+1)/K)) stay masked, clamped so that every step predicts at least one token
     (while any remain) and the last step predicts all the rest. The "still masked" count is the one the linear CFG
@@ -455,7 +307,8 @@ def mask_schedule(seq_len, num_iter):
 
 
 def cfg_scale_at(cfg, seq_len, mask_len, schedule="linear"):
-    """CFG scale of one AR step. "linear" (Muse): 1 + (cfg - 1) (L - still_masked) / L, in fp32 like the original."""
+    """CFG scale of one AR step (MAR appendix B: the scale grows linearly with the tokens generated, after Muse,
+    Chang et al. 2023): "linear" cfg_k = 1 + (cfg - 1) (L - still_masked_k) / L, in fp32 like the original."""
     if schedule == "linear":
         return float(1 + (cfg - 1) * (seq_len - torch.tensor([float(mask_len)])) / seq_len)
     if schedule == "constant":
@@ -559,13 +412,13 @@ class MAR(nn.Module):
         B, C, H, W = x.shape
         p = self.patch_size
         x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
-        return x.reshape(B, (H // p) * (W // p), C * p * p)
+        return x.reshape(B, (H // p) * (W // p), C * p * p)  # (B, L, C p p)
 
     def unpatchify(self, x):
         """(B, h*w, C*p*p) -> (B, C, h*p, w*p), the exact inverse of `patchify`."""
         B, p, C = x.shape[0], self.patch_size, self.vae_embed_dim
         x = x.reshape(B, self.seq_h, self.seq_w, C, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
-        return x.reshape(B, C, self.seq_h * p, self.seq_w * p)
+        return x.reshape(B, C, self.seq_h * p, self.seq_w * p)  # (B, C, H, W)
 
     # -- masks ------------------------------------------------------------------------------------------------------
     def sample_orders(self, bsz, generator=None, device=None):
@@ -636,7 +489,7 @@ class MAR(nn.Module):
         m = self.diffusion_batch_mul
         target = gt.reshape(-1, gt.shape[-1]).repeat(m, 1)  # (m B L, C)
         z = z.reshape(-1, z.shape[-1]).repeat(m, 1)         # (m B L, Dd)
-        return self.diffloss(target, z, mask.reshape(-1).repeat(m), generator)
+        return self.diffloss(target, z, mask.reshape(-1).repeat(m), generator)  # mask (m B L,)
 
     # -- sampling ---------------------------------------------------------------------------------------------------
     def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
@@ -672,11 +525,12 @@ class MAR(nn.Module):
             # Noise for this step, drawn here so a generator decides it and checkpoint recomputation is exact.
             n_noise = n_pred * C
             if one_step:
-                noise = _randn((bsz, n_noise), generator, device).reshape(bsz * n_pred, C) * temperature
+                noise = _randn((bsz, n_noise), generator, device).reshape(bsz * n_pred, C) * temperature  # (B k, C)
             else:
                 S = self.diffloss.gen_diffusion(num_diffusion_steps).num_timesteps
                 noise = _randn((bsz, (S + 1) * n_noise), generator, device).reshape(bsz, S + 1, n_pred, C)
-                noise = noise.permute(1, 0, 2, 3).reshape(S + 1, bsz * n_pred, C)  # [0] = x_T, [1:] per reverse step
+                # (B, S+1, k, C) -> (S+1, B k, C): [0] = x_T, [1:] one per reverse step
+                noise = noise.permute(1, 0, 2, 3).reshape(S + 1, bsz * n_pred, C)
             if step_callback is not None:
                 step_callback(step, tokens, mask, to_pred, noise)
             args = (tokens, mask, to_pred, labels, noise, cfg_k, temperature, num_diffusion_steps, one_step,
@@ -745,7 +599,7 @@ def mar_huge(**kw):
 PRESETS = {"mar_tiny": mar_tiny, "mar_base": mar_base, "mar_large": mar_large, "mar_huge": mar_huge}
 
 
-# ==== Loading, saving, EMA, distributed setup (shared by every stage) ===========================================
+# ==== Checkpoint loading (official MAR files and ours) ============================================================
 
 def read_checkpoint(path):
     """torch.load(weights_only=True) with errors that say what is wrong with the file.
@@ -792,171 +646,6 @@ def load_mar(path, model, use_ema=True, verbose=True):
         raise ValueError(f"{path!r} is not a MAR checkpoint: expected a dict with 'model' and/or 'model_ema'")
     key = "model_ema" if use_ema and "model_ema" in ckpt else "model"
     load_state_dict_strict(model, ckpt[key], f"{path!r} [{key}]")
-    if verbose:
-        print0(f"loaded {key} weights from {path}")
+    if verbose and os.environ.get("RANK", "0") == "0":  # rank 0 only under torchrun, without torch.distributed here
+        print(f"loaded {key} weights from {path}", flush=True)
     return model
-
-
-def save_checkpoint(path, obj):
-    """Atomic save: write a temporary file in the same folder, then rename over `path` (a crash never leaves a
-    half-written checkpoint, and a failed save never destroys the previous good one)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-load_checkpoint = read_checkpoint  # our own files hold tensors and plain types: weights_only=True reads them
-
-
-def ema_decay(rate, step, warmup=True):
-    """EMA decay after `step` optimizer steps: min(rate, (1 + step) / (10 + step)) with warm-up, else `rate`.
-
-    A fixed 0.9999 keeps 1 - 0.9999^n of the updates made in n steps: 3% after 315 steps, 63% after 10,000. With the
-    warm-up the EMA follows the weights closely early on (0.5 at step 8, 0.99 at step 890) and is the plain 0.9999
-    EMA from step ~90,000 on, so a short run still shows in `model_ema`, which every tool loads.
-    """
-    return min(rate, (1 + step) / (10 + step)) if warmup else rate
-
-
-@torch.no_grad()
-def update_ema(ema_model, model, decay):
-    """ema = decay * ema + (1 - decay) * param, parameter by parameter (MAR keeps no buffers)."""
-    for e, p in zip(ema_model.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
-
-
-def setup_distributed(device=None):
-    """torchrun -> init the process group (nccl on GPU, gloo on CPU); otherwise one process.
-
-    Returns (rank, world_size, device). Every collective in the scripts sits behind `dist.is_initialized()`.
-    """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if device.type == "cuda":
-            torch.cuda.set_device(local)
-            device = torch.device("cuda", local)
-        # Before init: torch.optim imports torch._dynamo -> torch.distributed._shard, which, imported after init,
-        # keeps the group alive past destroy (torch 2.14); gloo threads then outlived it and sometimes aborted at exit.
-        import torch._dynamo as _dynamo  # noqa: F401  (`as`: a bare import would shadow the name torch here)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return rank, world, device
-    return 0, 1, device
-
-
-@torch.no_grad()
-def all_reduce_grads(params, bucket=2 ** 25):
-    """Average .grad over ranks (what DDP does in backward), in flat buckets of ~`bucket` elements.
-
-    Used where the trained module is not called through one forward (GSIM's heads, RL's sampler), so a DDP
-    wrapper's hooks would not fire. A no-op in a single process.
-    """
-    if not dist.is_initialized():
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    world = dist.get_world_size()
-    while grads:
-        n, chunk = 0, []
-        while grads and (n == 0 or n + grads[0].numel() <= bucket):
-            n += grads[0].numel()
-            chunk.append(grads.pop(0))
-        flat = torch.cat([g.reshape(-1) for g in chunk])
-        dist.all_reduce(flat)
-        flat /= world
-        for g, v in zip(chunk, flat.split([g.numel() for g in chunk])):
-            g.copy_(v.view_as(g))
-
-
-@torch.no_grad()
-def assert_ranks_agree(model):
-    """DDP sanity check at the end of every training run: every rank holds exactly rank 0's weights (per-tensor sum
-    and sum of squares, float64); raises on any difference, a no-op in a single process."""
-    if not dist.is_initialized():
-        return
-    params = list(model.parameters())
-    mine = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params])  # (P, 2)
-    ref = mine.clone()
-    dist.broadcast(ref, src=0)
-    bad = (mine != ref).any(dim=1).nonzero().flatten().tolist()
-    if bad:
-        names = [n for i, (n, _) in enumerate(model.named_parameters()) if i in bad]
-        raise RuntimeError(f"rank {dist.get_rank()} weights differ from rank 0 in {len(bad)} tensors, e.g. {names[:3]}")
-    print0(f"ranks agree: all {dist.get_world_size()} processes hold identical weights ({len(params)} tensors)")
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.barrier()  # no rank tears the group down while another is still in a collective (gloo aborts)
-        dist.destroy_process_group()
-
-
-def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print0(*args, **kw):
-    """print on rank 0 only (without replacing the builtin)."""
-    if is_main():
-        print(*args, **kw, flush=True)
-
-
-def start_run(args):
-    """The common start of every stage: process group, per-rank batch (asserted to divide), output folder.
-    Returns (rank, world, device, per-rank batch)."""
-    rank, world, device = setup_distributed(args.device)
-    if args.global_batch_size % world:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
-    os.makedirs(args.out_dir, exist_ok=True)
-    print0(f"out dir: {os.path.abspath(args.out_dir)}; {world} process(es) on {device}, "
-           f"batch {args.global_batch_size // world} each")
-    return rank, world, device, args.global_batch_size // world
-
-
-class RunLog:
-    """Rank 0's tqdm bar and log.jsonl: `add(stats)` every step, `flush(step, **extra)` at each log interval
-    (one averaged record, printed as one line and appended to OUT_DIR/log.jsonl). Silent on other ranks."""
-
-    def __init__(self, out_dir, total, initial, desc, batch=None):
-        self.on, self.batch, self.window, self.t0 = is_main(), batch, [], time.time()
-        if self.on:
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
-            self.file = open(os.path.join(out_dir, "log.jsonl"), "a")
-
-    def add(self, stats):
-        self.window.append(stats)
-        if self.on:
-            self.bar.update(1)
-
-    def flush(self, step, **extra):
-        rec = {k: sum(s[k] for s in self.window) / len(self.window) for k in self.window[0]} if self.window else {}
-        rec.update(step=step, sec_per_step=(time.time() - self.t0) / max(1, len(self.window)), **extra)
-        if self.batch:
-            rec["img_per_sec"] = self.batch / rec["sec_per_step"]
-        self.write(rec)
-        self.window, self.t0 = [], time.time()
-        return rec
-
-    def write(self, rec):
-        if self.on:
-            self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-            self.file.write(json.dumps(rec) + "\n")
-            self.file.flush()
-
-    def close(self):
-        if self.on:
-            self.bar.close()
-            self.file.close()
-
-
-def step_seed(seed, rank, step):
-    """One seed per (run seed, rank, step). The scripts re-seed their generators every step from it, so a run
-    resumed at step n draws exactly what the uninterrupted run drew, with no RNG state to save."""
-    return (seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63)

@@ -10,10 +10,12 @@ R is PickScore (paper), an open_clip CLIP score, or on the toy the toy classifie
 digit. Prompts are ImageNet entity names (open_clip's bundled IMAGENET_CLASSNAMES), one per sampled class.
 
 Reward back-propagation is known to hack the reward (AlignProp, DRaFT, ReFL): the images drift toward what the reward
-model likes and away from the data. Two guards: a regulariser toward the frozen starting policy (DRaFT+ style: for
-the SAME context and noise at every AR step, the squared difference between the tuned and the frozen model's
-one-step outputs), and model selection: checkpoint-best.pth is the step with the best held-out reward among those
-whose toy FID stays within --fid-bound x the start's (toy), besides checkpoint-last.pth.
+model likes and away from the data. Two guards: a regulariser toward the frozen starting policy (DRaFT+, NVIDIA
+NeMo-Aligner 2024, adds to DRaFT a penalty between the tuned and the frozen model's eps predictions; here: for the
+SAME context and noise at every AR step, the squared difference of the one-step outputs
+x0 = 1.24 z - 0.74 eps_hat, i.e. 0.74^2 |eps_hat - eps_hat_ref|^2), and model selection: checkpoint-best.pth is
+the step with the best held-out reward among those whose toy FID stays within --fid-bound x the start's (toy),
+besides checkpoint-last.pth.
 
 Reads --student (a MAR-format checkpoint, from distill_gsim.py). Writes to --out-dir checkpoint-last.pth and
 checkpoint-best.pth (official MAR format: model + model_ema), log.jsonl (mean train reward, held-out reward, accuracy,
@@ -32,7 +34,7 @@ toy FID), and on the toy reward_vs_fid.png (the trade-off over training) and eva
         --out-dir runs/smoke_rl
 
 Deliberate choices where the paper is silent:
-  1. The regulariser (--reg-weight) and the guarded selection are ours (DRaFT+, Clark et al. 2023); the paper
+  1. The regulariser (--reg-weight) and the guarded selection are ours (DRaFT+ above); the paper
      reports no guard against reward hacking. checkpoint-best.pth is the best held-out reward among the evaluations
      whose held-out DRaFT+ distance to the start stays within --max-drift (and on the toy whose FID stays within
      --fid-bound x the start's). The held-out prompts are spread over all classes.
@@ -61,7 +63,123 @@ from PIL import Image, ImageDraw
 
 import data
 import evaluate
+import common
 import mar
+
+# ----------------------------------------------------------------------------------------------------------------
+# The differentiable generation and the loss (one RL step)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_reward(args, device):
+    """(reward fn(images in [-1, 1], labels) -> (B,), toy evaluator or None)."""
+    if args.reward == "toy":
+        ev = evaluate.ToyEvaluator(args.classifier)
+        ev.net.to(device).requires_grad_(False)
+        return ev.log_prob, ev
+    if args.reward == "pickscore":
+        fn = evaluate.PickScoreReward(args.pickscore_model, args.pickscore_processor or args.pickscore_model)
+    else:
+        fn = evaluate.ClipReward(args.clip_model, args.clip_weights)
+    return fn.to(device), None
+
+
+def generate_with_reference(policy, reference, labels, gens, args, clip):
+    """K-step one-step-head generation with gradients, and the DRaFT+ penalty (reward back-propagation: DRaFT, Clark
+    et al. 2023, arXiv:2309.17400, here through all K AR steps; the penalty toward the frozen start: DRaFT+).
+
+        loss = -R(decode(x), prompt) + beta * mean_k |x0_k - x0_k^ref|^2,   x0_k^ref from the frozen model, same inputs
+
+    At every AR step the frozen reference gets the same context (tokens so far, detached) and noise as the policy;
+    the policy's outputs for that step are the tokens it writes, which the final sequence still holds (with their
+    graph). Returns (latents (B, C, H, W), penalty: mean squared difference of the one-step outputs)."""
+    records = []
+
+    def on_step(step, tokens, mask, to_pred, noise):
+        if reference is None:
+            return
+        with torch.no_grad():
+            cls = reference.class_emb(labels)
+            c = reference.conditions(tokens.detach(), mask, cls)[to_pred]            # (B k, Dz)
+            records.append((to_pred, reference.diffloss.sample_one_step(c, noise, clip_denoised=clip)))
+
+    latents = policy.sample_tokens(len(labels), num_iter=args.num_iter, labels=labels, one_step=True,
+                                   clip_denoised=clip, generator=gens, checkpoint_steps=not args.no_checkpoint_steps,
+                                   grad_steps=args.truncate_k, step_callback=on_step)
+    if not records:
+        return latents, torch.zeros((), device=latents.device)
+    tokens = policy.patchify(latents)                                                 # (B, L, C)
+    penalty = torch.stack([(tokens[m] - ref).square().mean() for m, ref in records]).mean()
+    return latents, penalty
+
+
+def run_length(args):
+    """Default number of steps: --epochs passes over --epoch-size prompts at the global batch (note 2)."""
+    return args.epochs * -(-args.epoch_size // args.global_batch_size)
+
+
+def heldout_labels(n, n_classes):
+    """Held-out classes: spread over all classes (ImageNet: 400 prompts -> classes 0, 2, 5, 7, ..., 997), or every
+    class in turn when there are fewer classes than prompts (the toy)."""
+    return torch.arange(n) * n_classes // n if n < n_classes else torch.arange(n) % n_classes
+
+
+def rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, trainable, args, clip):
+    latents, penalty = generate_with_reference(policy, reference if args.reg_weight > 0 else None, labels, gens,
+                                               args, clip)
+    images = tokenizer.decode(latents)
+    reward = reward_fn(images, labels)                                                # (B,)
+    loss = -reward.mean() + args.reg_weight * penalty
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    common.all_reduce_grads(trainable)
+    gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+    opt.step()
+    return {"reward": reward.mean().item(), "penalty": penalty.item(), "loss": loss.item(), "grad_norm": float(gnorm)}
+
+
+@torch.no_grad()
+def held_out(model, reference, tokenizer, reward_fn, evaluator, args, device, clip, n_classes):
+    """Fixed labels and seeds: mean reward, the DRaFT+ distance to the frozen start (`drift`: the penalty term on
+    the held-out generations), and on the toy accuracy and toy FID of the same images."""
+    labels = heldout_labels(args.eval_images, n_classes).to(device)
+    imgs, drift = [], []
+    for i, lb in enumerate(labels.split(100)):
+        gens = [torch.Generator(device).manual_seed(90_000 + 100 * i + j) for j in range(len(lb))]
+        lat, d = generate_with_reference(model, reference, lb, gens, args, clip)
+        imgs.append(tokenizer.decode(lat))
+        drift.append(d * len(lb))
+    imgs = torch.cat(imgs)
+    rewards = torch.cat([reward_fn(x, lb) for x, lb in zip(imgs.split(100), labels.split(100))])
+    out = {"heldout_reward": rewards.mean().item(), "drift": (sum(drift) / len(labels)).item()}
+    if evaluator is not None:
+        m = evaluator(imgs, labels)
+        out.update(heldout_accuracy=m["accuracy"], toy_fid=m["toy_fid"])
+    return out, imgs, labels
+
+
+def plot_tradeoff(history, path):
+    """Held-out reward against toy FID over training, as a PNG drawn with PIL (no plotting dependency)."""
+    pts = [(h["toy_fid"], h["heldout_reward"], h["step"]) for h in history if "toy_fid" in h]
+    if len(pts) < 2:
+        return
+    W, H, pad = 640, 480, 60
+    fx, fy = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1, y0, y1 = min(fx), max(fx), min(fy), max(fy)
+    sx = lambda v: pad + (v - x0) / max(x1 - x0, 1e-9) * (W - 2 * pad)
+    sy = lambda v: H - pad - (v - y0) / max(y1 - y0, 1e-9) * (H - 2 * pad)
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    d.line([(pad, H - pad), (W - pad, H - pad)], fill="black")
+    d.line([(pad, pad), (pad, H - pad)], fill="black")
+    d.line([(sx(a), sy(b)) for a, b, _ in pts], fill="steelblue", width=2)
+    for a, b, s in pts:
+        d.ellipse([sx(a) - 3, sy(b) - 3, sx(a) + 3, sy(b) + 3], fill="steelblue")
+        d.text((sx(a) + 5, sy(b) - 12), str(s), fill="gray")
+    d.text((W // 2 - 40, H - pad + 25), f"toy FID ({x0:.1f} .. {x1:.1f})", fill="black")
+    d.text((5, 10), f"held-out reward ({y0:.3f} .. {y1:.3f}); labels: step", fill="black")
+    im.save(path)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -132,118 +250,6 @@ def get_args(argv=None):
     return args
 
 
-def build_reward(args, device):
-    """(reward fn(images in [-1, 1], labels) -> (B,), toy evaluator or None)."""
-    if args.reward == "toy":
-        ev = evaluate.ToyEvaluator(args.classifier)
-        ev.net.to(device).requires_grad_(False)
-        return ev.log_prob, ev
-    if args.reward == "pickscore":
-        fn = evaluate.PickScoreReward(args.pickscore_model, args.pickscore_processor or args.pickscore_model)
-    else:
-        fn = evaluate.ClipReward(args.clip_model, args.clip_weights)
-    return fn.to(device), None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The differentiable generation and the loss (one RL step)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def generate_with_reference(policy, reference, labels, gens, args, clip):
-    """K-step one-step-head generation with gradients, and the DRaFT+ penalty.
-
-    At every AR step the frozen reference gets the same context (tokens so far, detached) and noise as the policy;
-    the policy's outputs for that step are the tokens it writes, which the final sequence still holds (with their
-    graph). Returns (latents (B, C, H, W), penalty: mean squared difference of the one-step outputs)."""
-    records = []
-
-    def on_step(step, tokens, mask, to_pred, noise):
-        if reference is None:
-            return
-        with torch.no_grad():
-            cls = reference.class_emb(labels)
-            c = reference.conditions(tokens.detach(), mask, cls)[to_pred]            # (B k, Dz)
-            records.append((to_pred, reference.diffloss.sample_one_step(c, noise, clip_denoised=clip)))
-
-    latents = policy.sample_tokens(len(labels), num_iter=args.num_iter, labels=labels, one_step=True,
-                                   clip_denoised=clip, generator=gens, checkpoint_steps=not args.no_checkpoint_steps,
-                                   grad_steps=args.truncate_k, step_callback=on_step)
-    if not records:
-        return latents, torch.zeros((), device=latents.device)
-    tokens = policy.patchify(latents)                                                 # (B, L, C)
-    penalty = torch.stack([(tokens[m] - ref).square().mean() for m, ref in records]).mean()
-    return latents, penalty
-
-
-def run_length(args):
-    """Default number of steps: --epochs passes over --epoch-size prompts at the global batch (note 2)."""
-    return args.epochs * -(-args.epoch_size // args.global_batch_size)
-
-
-def heldout_labels(n, n_classes):
-    """Held-out classes: spread over all classes (ImageNet: 400 prompts -> classes 0, 2, 5, 7, ..., 997), or every
-    class in turn when there are fewer classes than prompts (the toy)."""
-    return torch.arange(n) * n_classes // n if n < n_classes else torch.arange(n) % n_classes
-
-
-def rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, trainable, args, clip):
-    latents, penalty = generate_with_reference(policy, reference if args.reg_weight > 0 else None, labels, gens,
-                                               args, clip)
-    images = tokenizer.decode(latents)
-    reward = reward_fn(images, labels)                                                # (B,)
-    loss = -reward.mean() + args.reg_weight * penalty
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    mar.all_reduce_grads(trainable)
-    gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-    opt.step()
-    return {"reward": reward.mean().item(), "penalty": penalty.item(), "loss": loss.item(), "grad_norm": float(gnorm)}
-
-
-@torch.no_grad()
-def held_out(model, reference, tokenizer, reward_fn, evaluator, args, device, clip, n_classes):
-    """Fixed labels and seeds: mean reward, the DRaFT+ distance to the frozen start (`drift`: the penalty term on
-    the held-out generations), and on the toy accuracy and toy FID of the same images."""
-    labels = heldout_labels(args.eval_images, n_classes).to(device)
-    imgs, drift = [], []
-    for i, lb in enumerate(labels.split(100)):
-        gens = [torch.Generator(device).manual_seed(90_000 + 100 * i + j) for j in range(len(lb))]
-        lat, d = generate_with_reference(model, reference, lb, gens, args, clip)
-        imgs.append(tokenizer.decode(lat))
-        drift.append(d * len(lb))
-    imgs = torch.cat(imgs)
-    rewards = torch.cat([reward_fn(x, lb) for x, lb in zip(imgs.split(100), labels.split(100))])
-    out = {"heldout_reward": rewards.mean().item(), "drift": (sum(drift) / len(labels)).item()}
-    if evaluator is not None:
-        m = evaluator(imgs, labels)
-        out.update(heldout_accuracy=m["accuracy"], toy_fid=m["toy_fid"])
-    return out, imgs, labels
-
-
-def plot_tradeoff(history, path):
-    """Held-out reward against toy FID over training, as a PNG drawn with PIL (no plotting dependency)."""
-    pts = [(h["toy_fid"], h["heldout_reward"], h["step"]) for h in history if "toy_fid" in h]
-    if len(pts) < 2:
-        return
-    W, H, pad = 640, 480, 60
-    fx, fy = [p[0] for p in pts], [p[1] for p in pts]
-    x0, x1, y0, y1 = min(fx), max(fx), min(fy), max(fy)
-    sx = lambda v: pad + (v - x0) / max(x1 - x0, 1e-9) * (W - 2 * pad)
-    sy = lambda v: H - pad - (v - y0) / max(y1 - y0, 1e-9) * (H - 2 * pad)
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    d.line([(pad, H - pad), (W - pad, H - pad)], fill="black")
-    d.line([(pad, pad), (pad, H - pad)], fill="black")
-    d.line([(sx(a), sy(b)) for a, b, _ in pts], fill="steelblue", width=2)
-    for a, b, s in pts:
-        d.ellipse([sx(a) - 3, sy(b) - 3, sx(a) + 3, sy(b) + 3], fill="steelblue")
-        d.text((sx(a) + 5, sy(b) - 12), str(s), fill="gray")
-    d.text((W // 2 - 40, H - pad + 25), f"toy FID ({x0:.1f} .. {x1:.1f})", fill="black")
-    d.text((5, 10), f"held-out reward ({y0:.3f} .. {y1:.3f}); labels: step", fill="black")
-    im.save(path)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,13 +257,13 @@ def plot_tradeoff(history, path):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device, bsz = mar.start_run(args)
+    rank, world, device, bsz = common.start_run(args)
     toy = clip = args.preset == "toy"  # the toy's pixel tokens are clipped to [-1, 1]
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     # -- models: policy (trained), frozen reference (the start), EMA -------------------------------------------------
     build = (lambda: mar.MAR(**data.TOY_MODEL)) if toy else (lambda: mar.PRESETS[args.model](img_size=args.img_size))
-    policy = mar.load_mar(args.student, build(), use_ema=True, verbose=mar.is_main()).to(device).eval()
+    policy = mar.load_mar(args.student, build(), use_ema=True, verbose=common.is_main()).to(device).eval()
     reference = copy.deepcopy(policy).requires_grad_(False)
     policy.requires_grad_(not args.head_only)
     policy.diffloss.net.requires_grad_(True)
@@ -275,16 +281,16 @@ def main(argv=None):
     step, history, best = 0, [], None
     ckpt_path = os.path.join(args.out_dir, "checkpoint-last.pth")
     if args.resume and os.path.exists(ckpt_path):
-        ck = mar.load_checkpoint(ckpt_path)
+        ck = mar.read_checkpoint(ckpt_path)
         mar.load_state_dict_strict(policy, ck["model"], ckpt_path)
         mar.load_state_dict_strict(ema, ck["model_ema"], ckpt_path + " [model_ema]")
         opt.load_state_dict(ck["optimizer"])
         step, history, best = ck["step"], ck["history"], ck["best"]
-        mar.print0(f"resumed from {ckpt_path} at step {step}")
+        common.print0(f"resumed from {ckpt_path} at step {step}")
 
     def save(path):
-        if mar.is_main():
-            mar.save_checkpoint(path, {"model": policy.state_dict(), "model_ema": ema.state_dict(),
+        if common.is_main():
+            common.save_checkpoint(path, {"model": policy.state_dict(), "model_ema": ema.state_dict(),
                                        "optimizer": opt.state_dict(), "step": step, "args": vars(args),
                                        "history": history, "best": best})
 
@@ -298,39 +304,39 @@ def main(argv=None):
         if ok and (best is None or rec["heldout_reward"] > best["heldout_reward"]):
             best = dict(rec)
             save(os.path.join(args.out_dir, "checkpoint-best.pth"))
-            if toy and mar.is_main():
+            if toy and common.is_main():
                 evaluate.save_class_grid(imgs, labels, os.path.join(args.out_dir, "grid_best.png"))
         return rec
 
     # -- loop ------------------------------------------------------------------------------------------------------
-    log = mar.RunLog(args.out_dir, total, step, "rl_refine")
-    if step == 0 and args.eval_every and mar.is_main():
+    log = common.RunLog(args.out_dir, total, step, "rl_refine")
+    if step == 0 and args.eval_every and common.is_main():
         log.write(evaluate_now())  # the start: held-out reward (and toy FID) before any update
     while step < total:
-        g = torch.Generator().manual_seed(mar.step_seed(args.seed, rank, step))
+        g = torch.Generator().manual_seed(common.step_seed(args.seed, rank, step))
         labels = torch.randint(0, n_classes, (bsz,), generator=g).to(device)
-        gens = [torch.Generator(device).manual_seed(mar.step_seed(args.seed, rank, step) * 131 + b) for b in range(bsz)]
+        gens = [torch.Generator(device).manual_seed(common.step_seed(args.seed, rank, step) * 131 + b) for b in range(bsz)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             stats = rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, trainable, args, clip)
         step += 1
-        mar.update_ema(ema, policy, mar.ema_decay(args.ema_rate, step, not args.no_ema_warmup))
+        common.update_ema(ema, policy, common.ema_decay(args.ema_rate, step, not args.no_ema_warmup))
         log.add(stats)
         if step % args.log_every == 0 or step == total:
             extra = {}
-            if args.eval_every and (step % args.eval_every == 0 or step == total) and mar.is_main():
+            if args.eval_every and (step % args.eval_every == 0 or step == total) and common.is_main():
                 extra = {k: v for k, v in evaluate_now().items() if k != "step"}
             log.flush(step, total=total, **extra)
         if step % args.save_every == 0 or step == total:
             save(ckpt_path)
     log.close()
-    mar.assert_ranks_agree(policy)
-    if mar.is_main() and history:
+    common.assert_ranks_agree(policy)
+    if common.is_main() and history:
         plot_tradeoff(history, os.path.join(args.out_dir, "reward_vs_fid.png"))
         report = {"start": history[0], "best": best, "last": history[-1], "fid_bound": args.fid_bound}
         with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
             json.dump(report, f, indent=2)
-        mar.print0(f"start {history[0]}\nbest  {best}\nlast  {history[-1]}")
-    mar.cleanup_distributed()
+        common.print0(f"start {history[0]}\nbest  {best}\nlast  {history[-1]}")
+    common.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,33 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import common
 import mar
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model and the learning-rate schedule
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_model(args):
+    """The MAR to train: the toy configuration or a named preset, with command-line overrides."""
+    over = {k: v for k, v in dict(diffloss_d=args.diffloss_d, diffloss_w=args.diffloss_w,
+                                  mask_ratio_min=args.mask_ratio_min, diffusion_batch_mul=args.diffusion_batch_mul,
+                                  grad_checkpointing=args.grad_checkpointing or None).items() if v is not None}
+    if args.preset == "toy":
+        return mar.MAR(**{**data.TOY_MODEL, **over})
+    return mar.PRESETS[args.model](img_size=args.img_size, **over)
+
+
+def lr_at(step, total, warmup, base, schedule, min_lr):
+    """Linear warmup from 0, then constant or half-cosine to min_lr (MAR util/lr_sched.py, counted in steps)."""
+    if step < warmup:
+        return base * step / warmup
+    if schedule == "constant":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -100,24 +126,9 @@ def get_args(argv=None):
     return args
 
 
-def build_model(args):
-    """The MAR to train: the toy configuration or a named preset, with command-line overrides."""
-    over = {k: v for k, v in dict(diffloss_d=args.diffloss_d, diffloss_w=args.diffloss_w,
-                                  mask_ratio_min=args.mask_ratio_min, diffusion_batch_mul=args.diffusion_batch_mul,
-                                  grad_checkpointing=args.grad_checkpointing or None).items() if v is not None}
-    if args.preset == "toy":
-        return mar.MAR(**{**data.TOY_MODEL, **over})
-    return mar.PRESETS[args.model](img_size=args.img_size, **over)
-
-
-def lr_at(step, total, warmup, base, schedule, min_lr):
-    """Linear warmup from 0, then constant or half-cosine to min_lr (MAR util/lr_sched.py, counted in steps)."""
-    if step < warmup:
-        return base * step / warmup
-    if schedule == "constant":
-        return base
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -125,7 +136,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------------
     # Setup
     # ------------------------------------------------------------------------------------------------------------
-    rank, world, device, bsz = mar.start_run(args)
+    rank, world, device, bsz = common.start_run(args)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     # ------------------------------------------------------------------------------------------------------------
@@ -143,7 +154,7 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     n_head = sum(p.numel() for p in model.diffloss.parameters())
-    mar.print0(f"MAR: {n_params / 1e6:.2f}M parameters ({n_head / 1e6:.2f}M"
+    common.print0(f"MAR: {n_params / 1e6:.2f}M parameters ({n_head / 1e6:.2f}M"
                f" in the head); {total_steps} steps of {args.global_batch_size} ({args.epochs} epochs)")
     # MAR's weight decay: only matrices outside the diffusion head (no biases, norms, or head weights)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias") and "diffloss" not in n]
@@ -155,24 +166,24 @@ def main(argv=None):
     step = 0
     ckpt_path = os.path.join(args.out_dir, "checkpoint-last.pth")
     if args.resume and os.path.exists(ckpt_path):
-        ck = mar.load_checkpoint(ckpt_path)
+        ck = mar.read_checkpoint(ckpt_path)
         mar.load_state_dict_strict(model, ck["model"], ckpt_path)
         mar.load_state_dict_strict(ema, ck["model_ema"], ckpt_path + " [model_ema]")
         opt.load_state_dict(ck["optimizer"])
         step = ck["step"]
-        mar.print0(f"resumed from {ckpt_path} at step {step}")
+        common.print0(f"resumed from {ckpt_path} at step {step}")
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
 
     def save():
-        if mar.is_main():
-            mar.save_checkpoint(ckpt_path, {"model": model.state_dict(), "model_ema": ema.state_dict(),
+        if common.is_main():
+            common.save_checkpoint(ckpt_path, {"model": model.state_dict(), "model_ema": ema.state_dict(),
                                             "optimizer": opt.state_dict(), "step": step, "args": vars(args)})
 
     # ------------------------------------------------------------------------------------------------------------
     # Loop
     # ------------------------------------------------------------------------------------------------------------
     last = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
-    log = mar.RunLog(args.out_dir, last, step, "train_mar", batch=args.global_batch_size)
+    log = common.RunLog(args.out_dir, last, step, "train_mar", batch=args.global_batch_size)
     model.train()
     workers = 0 if args.preset == "toy" else args.num_workers
     while step < last:
@@ -180,8 +191,8 @@ def main(argv=None):
                                    workers, device)
         for xb, yb in loader:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            gen = torch.Generator(device).manual_seed(mar.step_seed(args.seed, rank, step))
-            torch.manual_seed(mar.step_seed(args.seed, rank, step) + 1)  # dropout
+            gen = torch.Generator(device).manual_seed(common.step_seed(args.seed, rank, step))
+            torch.manual_seed(common.step_seed(args.seed, rank, step) + 1)  # dropout
             with torch.no_grad():
                 latents = to_latents(xb, gen)  # (B, C, H, W), MAR-scaled
             lr = lr_at(step, total_steps, warmup_steps, base_lr, args.lr_schedule, args.min_lr)
@@ -196,7 +207,7 @@ def main(argv=None):
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
             step += 1
-            mar.update_ema(ema, model, mar.ema_decay(args.ema_rate, step, args.ema_warmup))
+            common.update_ema(ema, model, common.ema_decay(args.ema_rate, step, args.ema_warmup))
             log.add({"loss": loss.item(), "grad_norm": float(grad_norm)})
             if step % args.log_every == 0 or step == last:
                 log.flush(step, total=last, lr=lr)
@@ -205,17 +216,17 @@ def main(argv=None):
             if step >= last:
                 break
     log.close()
-    mar.assert_ranks_agree(model)
+    common.assert_ranks_agree(model)
 
     # ------------------------------------------------------------------------------------------------------------
     # Toy: sample the EMA teacher (100 head steps, x0 clipped to the pixel range) and score it
     # ------------------------------------------------------------------------------------------------------------
-    if args.preset == "toy" and mar.is_main() and args.eval_images > 0:
+    if args.preset == "toy" and common.is_main() and args.eval_images > 0:
         result = evaluate_toy_teacher(ema, args, device)
         with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
             json.dump(result, f, indent=2)
-        mar.print0("toy teacher: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)))
-    mar.cleanup_distributed()
+        common.print0("toy teacher: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)))
+    common.cleanup_distributed()
 
 
 def evaluate_toy_teacher(model, args, device):

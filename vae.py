@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mar import load_state_dict_strict, print0, read_checkpoint
+from common import print0
+from mar import load_state_dict_strict, read_checkpoint
 
 
 def Normalize(channels):

@@ -42,11 +42,12 @@ def randomize_(model, std=0.05, seed=0):
 def toy_ckpt(tmp_path_factory):
     """A toy-configuration MAR with small random (non-zero) weights, saved in the official checkpoint format."""
     import data
+    import common
     import mar
     torch.manual_seed(0)
     m = randomize_(mar.MAR(**data.TOY_MODEL), std=0.02)
     path = tmp_path_factory.mktemp("toy_ckpt") / "checkpoint-last.pth"
-    mar.save_checkpoint(str(path), {"model": m.state_dict(), "model_ema": m.state_dict()})
+    common.save_checkpoint(str(path), {"model": m.state_dict(), "model_ema": m.state_dict()})
     return str(path)
 
 

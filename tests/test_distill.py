@@ -21,8 +21,8 @@ FAST = ["--preset", "toy", "--global-batch-size", "8", "--eval-images", "0", "--
 def test_only_the_student_head_moves(toy_ckpt, tmp_path):
     out = str(tmp_path / "s")
     distill_gsim.main(FAST + ["--teacher", toy_ckpt, "--out-dir", out, "--max-steps", "3"])
-    ck = mar.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))
-    t = mar.load_checkpoint(toy_ckpt)["model_ema"]
+    ck = mar.read_checkpoint(os.path.join(out, "checkpoint-last.pth"))
+    t = mar.read_checkpoint(toy_ckpt)["model_ema"]
     head = [k for k in t if k.startswith("diffloss.net.")]
     assert any(not torch.equal(ck["model"][k], t[k]) for k in head)                # the one-step head was trained
     assert all(torch.equal(ck["model"][k], t[k]) for k in t if k not in head)      # the transformer was not
@@ -42,7 +42,7 @@ def test_resume_is_exact(toy_ckpt, tmp_path):
     distill_gsim.main(FAST + ["--teacher", toy_ckpt, "--out-dir", a, "--max-steps", "4"])
     distill_gsim.main(FAST + ["--teacher", toy_ckpt, "--out-dir", b, "--max-steps", "2"])
     distill_gsim.main(FAST + ["--teacher", toy_ckpt, "--out-dir", b, "--max-steps", "4", "--resume"])
-    ca, cb = (mar.load_checkpoint(os.path.join(d, "checkpoint-last.pth")) for d in (a, b))
+    ca, cb = (mar.read_checkpoint(os.path.join(d, "checkpoint-last.pth")) for d in (a, b))
     for part in ("model", "model_ema", "aux"):
         assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
 
@@ -64,7 +64,7 @@ def test_two_process_rl_run_keeps_ranks_identical(toy_ckpt, tmp_path):
 def test_train_transformer_also_moves_the_transformer(toy_ckpt, tmp_path):
     out = str(tmp_path / "tt")
     distill_gsim.main(FAST + ["--teacher", toy_ckpt, "--out-dir", out, "--max-steps", "2", "--train-transformer"])
-    ck, t = mar.load_checkpoint(os.path.join(out, "checkpoint-last.pth")), mar.load_checkpoint(toy_ckpt)["model_ema"]
+    ck, t = mar.read_checkpoint(os.path.join(out, "checkpoint-last.pth")), mar.read_checkpoint(toy_ckpt)["model_ema"]
     assert not torch.equal(ck["model"]["encoder_blocks.0.attn.qkv.weight"], t["encoder_blocks.0.attn.qkv.weight"])
     assert not torch.equal(ck["model"]["diffloss.net.final_layer.linear.weight"],
                            t["diffloss.net.final_layer.linear.weight"])
@@ -74,7 +74,7 @@ def test_head_only_checkpoint_is_the_teacher_transformer_plus_the_student_head(t
     """Head-only keeps one transformer: model and model_ema carry the teacher's transformer and the (EMA) head."""
     out = str(tmp_path / "h")
     distill_gsim.main(FAST + ["--teacher", toy_ckpt, "--out-dir", out, "--max-steps", "2", "--save-every", "1"])
-    ck, t = mar.load_checkpoint(os.path.join(out, "checkpoint-last.pth")), mar.load_checkpoint(toy_ckpt)["model_ema"]
+    ck, t = mar.read_checkpoint(os.path.join(out, "checkpoint-last.pth")), mar.read_checkpoint(toy_ckpt)["model_ema"]
     for part in ("model", "model_ema"):
         assert set(ck[part]) == set(t)
         assert all(torch.equal(ck[part][k], t[k]) for k in t if not k.startswith("diffloss.net."))

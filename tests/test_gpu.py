@@ -7,7 +7,6 @@ A CPU run cannot see a CPU draw from a CUDA generator, a tensor left on the wron
 these tests are the only place they show before a multi-day job does.
 """
 import json
-import os
 
 import numpy as np
 import pytest

@@ -21,8 +21,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+import common
 import mar
 from distill_gsim import aux_dsm_loss, gsim_generator_loss
+from gaussian_diffusion import GaussianDiffusion
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1-D check
@@ -58,7 +60,8 @@ def surrogate_grad(variant="gsim", n=1000):
         den = (delta.square().sum(-1) + (SIGMA * R) ** 2).sqrt()
         loss = ((delta * (eps_aux - eps)).sum(-1) / den + den).mean()
     else:
-        loss = gsim_generator_loss(eps_teacher, eps_aux, eps, SIGMA, R, 0.0 if variant == "no_path" else 1.0)
+        path_weight = {"gsim": 1.0, "no_path": 0.0, "minus_path": -1.0}[variant]
+        loss = gsim_generator_loss(eps_teacher, eps_aux, eps, SIGMA, R, path_weight)
     loss.backward()
     return theta.grad.item() / SIGMA
 
@@ -72,6 +75,8 @@ def test_one_dimensional_gradient_equals_finite_difference():
     assert surrogate_grad("no_path") == pytest.approx(0.480, abs=5e-3)    # SIM's L1 alone: not this gradient
     assert surrogate_grad("detached") == pytest.approx(0.240, abs=5e-3)   # d'(y) detached: wrong
     assert abs(surrogate_grad("no_path") - fd) > 0.2 and abs(surrogate_grad("detached") - fd) > 0.4
+    # The path term SUBTRACTED (L1 - d(y), how MARVAL's A.11 can be read): 0.480 - 0.290, not the divergence's gradient.
+    assert surrogate_grad("minus_path") == pytest.approx(0.190, abs=5e-3)
 
 
 def test_loss_value_and_shapes():
@@ -95,7 +100,7 @@ RADIUS, MODE_STD = 1.0, 0.25
 WEIGHTS = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
 ANGLES = torch.tensor([[0.0, 0.5, 1.0, 1.5], [0.25, 0.75, 1.25, 1.75]]) * math.pi
 MEANS = RADIUS * torch.stack([ANGLES.cos(), ANGLES.sin()], dim=-1)  # (2 classes, 4 modes, 2)
-DIFF = mar.GaussianDiffusion(1000)
+DIFF = GaussianDiffusion(1000)
 ABAR = DIFF.alphas_cumprod.float()
 
 
@@ -216,7 +221,7 @@ def run_gsim_2d(flip_sign=False, iters=3000, batch=512, seed=0):
         torch.nn.utils.clip_grad_norm_(G.parameters(), 1.0)
         opt_g.step()
         sched.step()
-        mar.update_ema(G_ema, G, 0.99)
+        common.update_ema(G_ema, G, 0.99)
         aux.requires_grad_(True)
         with torch.no_grad():
             x0 = one_step(G, c, z)

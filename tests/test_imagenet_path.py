@@ -106,7 +106,7 @@ def test_resume_is_exact_on_the_image_path(world, tmp_path):
         mod.main(base + extra + ["--out-dir", a, "--max-steps", "4"])
         mod.main(base + extra + ["--out-dir", b, "--max-steps", "2"])
         mod.main(base + extra + ["--out-dir", b, "--max-steps", "4", "--resume"])
-        ca, cb = (mar.load_checkpoint(os.path.join(x, "checkpoint-last.pth")) for x in (a, b))
+        ca, cb = (mar.read_checkpoint(os.path.join(x, "checkpoint-last.pth")) for x in (a, b))
         for part in ("model", "model_ema"):
             assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), (mod.__name__, part)
 

@@ -4,6 +4,8 @@ import pytest
 import scipy.stats
 import torch
 
+import common
+import gaussian_diffusion
 import mar
 import vae
 from conftest import randomize_
@@ -117,30 +119,30 @@ def test_load_errors_are_clear_and_name_keys(tmp_path):
 
 def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
     path = str(tmp_path / "ck.pth")
-    mar.save_checkpoint(path, {"step": 1})
+    common.save_checkpoint(path, {"step": 1})
     with pytest.raises(Exception):
-        mar.save_checkpoint(path, {"step": 2, "bad": lambda: 0})  # not picklable: the save fails midway
-    assert mar.load_checkpoint(path) == {"step": 1}
+        common.save_checkpoint(path, {"step": 2, "bad": lambda: 0})  # not picklable: the save fails midway
+    assert mar.read_checkpoint(path) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]  # no temporary file left behind
 
 
 def test_update_ema():
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     before = a.weight.detach().clone()
-    mar.update_ema(a, b, 0.9)
+    common.update_ema(a, b, 0.9)
     torch.testing.assert_close(a.weight, 0.9 * before + 0.1 * b.weight.detach())
 
 
 def test_respacing():
-    assert mar.space_timesteps(1000, "10") == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
-    assert mar.space_timesteps(1000, "1") == [999]  # deliberate: one step from pure noise
-    assert len(mar.space_timesteps(1000, "100")) == 100
+    assert gaussian_diffusion.space_timesteps(1000, "10") == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    assert gaussian_diffusion.space_timesteps(1000, "1") == [999]  # deliberate: one step from pure noise
+    assert len(gaussian_diffusion.space_timesteps(1000, "100")) == 100
     # IDDPM accumulates the fractional index (cur += 999/20): float error puts step 10 at 499.4999..., kept as 499;
     # round(stride * j) would keep 500. The official code keeps 499.
-    assert mar.space_timesteps(1000, "21")[9:12] == [450, 499, 549]
-    assert mar.space_timesteps(1000, "23")[11] == round(sum([999 / 22] * 11))  # the accumulated sum, not 11 * stride
+    assert gaussian_diffusion.space_timesteps(1000, "21")[9:12] == [450, 499, 549]
+    assert gaussian_diffusion.space_timesteps(1000, "23")[11] == round(sum([999 / 22] * 11))  # the accumulated sum, not 11 * stride
     with pytest.raises(ValueError):
-        mar.space_timesteps(1000, "2000")
+        gaussian_diffusion.space_timesteps(1000, "2000")
 
 
 def test_official_training_checkpoint_with_args_namespace_loads(tmp_path):

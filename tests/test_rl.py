@@ -89,7 +89,7 @@ def test_toy_rl_run_logs_regularises_and_selects(toy_ckpt, tmp_path):
     assert sum("heldout_reward" in r for r in recs) == 3               # start, step 2, step 4
     report = json.load(open(os.path.join(out, "eval.json")))
     assert report["best"]["toy_fid"] <= 1.3 * report["start"]["toy_fid"]
-    best = mar.load_checkpoint(os.path.join(out, "checkpoint-best.pth"))
+    best = mar.read_checkpoint(os.path.join(out, "checkpoint-best.pth"))
     assert best["step"] == report["best"]["step"]
     mar.load_mar(os.path.join(out, "checkpoint-last.pth"), mar.MAR(**data.TOY_MODEL))  # loads like any MAR
     assert os.path.exists(os.path.join(out, "reward_vs_fid.png"))
@@ -98,7 +98,7 @@ def test_toy_rl_run_logs_regularises_and_selects(toy_ckpt, tmp_path):
 
 def distance_moved(ckpt_path, start):
     """(|model_ema - start|, |model - start|) over all tensors of a saved RL run."""
-    ck = mar.load_checkpoint(ckpt_path)
+    ck = mar.read_checkpoint(ckpt_path)
     d = lambda part: sum((ck[part][k].double() - start[k].double()).square().sum() for k in start).sqrt().item()
     return d("model_ema"), d("model")
 
@@ -106,7 +106,7 @@ def distance_moved(ckpt_path, start):
 def test_rl_update_shows_in_model_ema(toy_ckpt, tmp_path):
     """model_ema is what every tool loads: with the script's own EMA default (0.9999 with warm-up), a short run
     leaves it at least half way from the start to the policy; the literal fixed 0.9999 would not move it."""
-    start = mar.load_checkpoint(toy_ckpt)["model_ema"]
+    start = mar.read_checkpoint(toy_ckpt)["model_ema"]
     base = ["--preset", "toy", "--student", toy_ckpt, "--max-steps", "4", "--eval-every", "0",
             "--global-batch-size", "4", "--classifier", str(tmp_path / "clf.pt"), "--lr", "1e-4"]
     rl_refine.main(base + ["--out-dir", str(tmp_path / "warm")])

@@ -32,8 +32,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     train_mar.main(FAST + ["--out-dir", straight, "--max-steps", "5"])
     train_mar.main(FAST + ["--out-dir", split, "--max-steps", "3"])          # "killed" after step 3
     train_mar.main(FAST + ["--out-dir", split, "--max-steps", "5", "--resume"])
-    a = mar.load_checkpoint(os.path.join(straight, "checkpoint-last.pth"))
-    b = mar.load_checkpoint(os.path.join(split, "checkpoint-last.pth"))
+    a = mar.read_checkpoint(os.path.join(straight, "checkpoint-last.pth"))
+    b = mar.read_checkpoint(os.path.join(split, "checkpoint-last.pth"))
     assert a["step"] == 5
     assert_same_checkpoint(a, b)
     # the weights moved: a resume that silently restarted from scratch or skipped steps would differ above
@@ -45,7 +45,7 @@ def test_checkpoint_is_official_format(tmp_path):
     out = str(tmp_path / "run")
     train_mar.main(FAST + ["--out-dir", out, "--max-steps", "2"])
     path = os.path.join(out, "checkpoint-last.pth")
-    ck = mar.load_checkpoint(path)
+    ck = mar.read_checkpoint(path)
     assert {"model", "model_ema", "optimizer", "step", "args"} <= set(ck)
     model = mar.load_mar(path, mar.MAR(**data.TOY_MODEL))  # loads like any MAR
     assert torch.equal(model.fake_latent, ck["model_ema"]["fake_latent"])
@@ -97,17 +97,17 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     r = torchrun("train_mar.py", FAST + ["--out-dir", out, "--max-steps", "3"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ranks agree: all 2 processes" in r.stdout + r.stderr
-    assert mar.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["step"] == 3
+    assert mar.read_checkpoint(os.path.join(out, "checkpoint-last.pth"))["step"] == 3
 
 
 GLOO_EXIT_CHECK = """
 import glob, os, sys
 sys.path.insert(0, {root!r})
 import torch
-import mar
-rank = mar.setup_distributed()[0]
+import common
+rank = common.setup_distributed()[0]
 torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())  # imports torch._dynamo (and torch.distributed._shard)
-mar.cleanup_distributed()
+common.cleanup_distributed()
 left = [n for n in (open(f).read().strip() for f in glob.glob("/proc/self/task/*/comm")) if "gloo" in n]
 os.write(1, f"rank {{rank}}: gloo threads after cleanup: {{left}}\\n".encode())  # one write: ranks do not interleave
 sys.exit(1 if left else 0)

@@ -9,9 +9,9 @@ Three sources feed the same MAR code:
    and stores the posterior moments (mean and log-variance, 32x16x16); `CachedLatents` returns one of the two at
    random, and training samples a fresh latent from it every epoch. About 2x faster training per GPU (MAR #44).
 3. The toy problem: scikit-learn's bundled handwritten digits (1,797 images of 8x8, 10 classes, no download),
-   upsampled to 16x16 and scaled to [-1, 1]. A "pixel tokenizer" stands in for the VAE: with img_size 16,
-   vae_stride 1, patch_size 4 and vae_embed_dim 1, MAR's own patchify turns an image into 16 tokens of 16 values,
-   the token width of KL-16 latents, so every stage runs unchanged on a CPU in minutes.
+   upsampled to 16x16 and scaled to [-1, 1]. A small KL autoencoder (vae.ToyVAE, trained in ~40 s and cached)
+   stands in for KL-16: a digit becomes 4x4 latents of 16 channels, 16 tokens of KL-16's width 16, and every stage
+   runs the ImageNet pipeline unchanged (encode, generate latents, decode) on a CPU in minutes.
 
 Commands:
     python data.py cache --data-path IMAGENET/train --vae kl16.ckpt --out-dir cache/       # 1 GPU
@@ -113,33 +113,53 @@ class CachedLatents(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tokenizers: images <-> MAR latents (the same interface for the KL-16 VAE and the toy's identity "pixel tokenizer")
+# Tokenizers: images <-> MAR latents (the same interface for the KL-16 VAE and the toy VAE)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 class Tokenizer(torch.nn.Module):
     """encode(images in [-1, 1]) -> MAR latents, decode(latents) -> images. Differentiable (RL decodes through it).
 
-    With a VAE: latents = posterior sample * 0.2325 (MAR's scale), decode = vae.decode(latents / 0.2325).
-    Without (the toy): images ARE the latents, (B, 1, 16, 16) in [-1, 1].
+    latents = posterior sample * scale, decode = vae.decode(latents / scale). KL-16: scale 0.2325 (MAR's); the toy
+    VAE: its own `scale`, measured the same way (1 / std of the training latents). vae None: cached moments only.
+    `x0_bound`: what the teacher's sampler clips its predicted x0 to (gaussian_diffusion.clip_x0): None for KL-16
+    (MAR's sampler as is), the training latents' range for the toy.
     """
 
-    def __init__(self, vae=None):
+    def __init__(self, vae=None, scale=mar.VAE_SCALE, x0_bound=None):
         super().__init__()
-        self.vae = vae
+        self.vae, self.scale, self.x0_bound = vae, scale, x0_bound
 
     def encode(self, x, generator=None):
-        if self.vae is None:
-            return x
-        return self.vae.encode(x).sample(generator) * mar.VAE_SCALE
+        return self.vae.encode(x).sample(generator) * self.scale
 
     def latents_from_moments(self, moments, generator=None):
         """Cached posterior moments (B, 2C, h, w) -> a fresh latent sample, scaled for MAR."""
         from vae import DiagonalGaussian
-        return DiagonalGaussian(moments).sample(generator) * mar.VAE_SCALE
+        return DiagonalGaussian(moments).sample(generator) * self.scale
 
     def decode(self, z):
-        return z if self.vae is None else self.vae.decode(z / mar.VAE_SCALE)
+        return self.vae.decode(z / self.scale)
+
+
+def toy_tokenizer(vae_model):
+    """Tokenizer around a ToyVAE, with the scale and latent range it carries."""
+    return Tokenizer(vae_model, float(vae_model.scale), float(vae_model.latent_bound))
+
+
+def toy_tokenizer_of(ckpt, device="cpu"):
+    """The toy VAE a toy checkpoint's MAR was trained on. Every toy stage saves it inside its checkpoint under
+    'toy_vae' (train_mar.py writes it, the later stages copy it), so a checkpoint always decodes with the latent
+    space it was trained in, even if runs/toy_vae.pt is retrained. `ckpt`: a path or a loaded checkpoint."""
+    import vae as vae_lib
+    ck = mar.read_checkpoint(ckpt) if isinstance(ckpt, str) else ckpt
+    if "toy_vae" not in ck:
+        raise ValueError(f"toy checkpoint {ckpt if isinstance(ckpt, str) else ''!r} has no 'toy_vae' entry: it was "
+                         "written before the toy had a latent tokenizer (pixel tokens) or is not a toy checkpoint; "
+                         "train a new toy teacher with `python train_mar.py --preset toy`")
+    model = vae_lib.ToyVAE()
+    mar.load_state_dict_strict(model, ck["toy_vae"], "toy VAE in the checkpoint")
+    return toy_tokenizer(model.eval().requires_grad_(False).to(device))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,11 +183,13 @@ def toy_digits(split="train"):
     return x[idx], y[idx]
 
 
-# The toy MAR: the official architecture at toy size (~1.5M parameters). Pixel tokens: 16 tokens of 4x4 pixels.
+# The toy MAR: the official architecture at toy size (~1.5M parameters) on the toy VAE's latents: img_size 16 at
+# vae_stride 4 is a 4x4 latent grid, patch_size 1 makes each position a token, vae_embed_dim 16 its width, so 16
+# tokens of 16 values, KL-16's token width (MAR-B: 256 tokens at stride 16, patch 1, 16 channels).
 # mask_ratio_min 0.3 (MAR: 0.7): with only 16 tokens the toy also trains on mostly-visible contexts; a 2,000-step
 # teacher at 0.7 was clearly under-trained (toy FID 8x the real-split floor). buffer_size 4 = L/4, as MAR's 64 slots
 # for 256 tokens: 16 slots made the toy transformer, and so the one-step student, a third slower (8.7x vs 13x).
-TOY_MODEL = dict(img_size=16, vae_stride=1, patch_size=4, vae_embed_dim=1, class_num=10, buffer_size=4,
+TOY_MODEL = dict(img_size=16, vae_stride=4, patch_size=1, vae_embed_dim=16, class_num=10, buffer_size=4,
                  mask_ratio_min=0.3,
                  encoder_embed_dim=128, encoder_depth=3, encoder_num_heads=4, decoder_embed_dim=128, decoder_depth=3,
                  decoder_num_heads=4, diffloss_d=2, diffloss_w=128, diffusion_batch_mul=2)
@@ -191,12 +213,13 @@ def make_grid(images, nrow):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def training_source(args, device):
+def training_source(args, device, toy_tokenizer=None):
     """(dataset of (x, label), to_latents(x, generator) -> MAR latents (B, C, H, W), steps per epoch) from the common
-    flags: --preset toy (pixel tokens), --cached-path (posterior moments -> a fresh sample), or --data-path + --vae
-    (images encoded on the fly by the frozen VAE; random flips)."""
+    flags: --preset toy (digits encoded on the fly by `toy_tokenizer`, a posterior sample per batch as MAR's cache
+    gives), --cached-path (posterior moments -> a fresh sample), or --data-path + --vae (images encoded on the fly by
+    the frozen VAE; random flips)."""
     if getattr(args, "preset", None) == "toy":
-        dataset, to_latents = torch.utils.data.TensorDataset(*toy_digits("train")), (lambda xb, g: xb)
+        dataset, to_latents = torch.utils.data.TensorDataset(*toy_digits("train")), toy_tokenizer.encode
     elif args.cached_path:
         dataset, to_latents = CachedLatents(args.cached_path), Tokenizer(None).latents_from_moments
     else:

@@ -232,8 +232,8 @@ def head_of(mar_state):
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
-# Toy: 60 epochs = 1,260 steps (3.7 min on one core). Measured on the default toy teacher at K = 4 (README): the student's FID
-# was still falling at 30 epochs (1.39x the teacher's) and reached 1.21x at 60.
+# Toy: 60 epochs = 1,260 steps (5 min on 2 cores). Measured on the demo's latent teacher at K = 4, three seed sets
+# (README): the student's FID is 1.19x the teacher's at 30 epochs and 1.03x at 60.
 TOY_DEFAULTS = dict(out_dir="runs/toy_student", global_batch_size=64, lr_g=1e-4, lr_aux=1e-4, ema_rate=0.99,
                     grad_clip=1.0, epochs=60, log_every=25, save_every=250, eval_every=250)
 
@@ -312,8 +312,9 @@ def main(argv=None):
     rank, world, device, bsz = common.start_run(args)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
-    # -- data ------------------------------------------------------------------------------------------------------
-    dataset, to_latents, steps_per_epoch = data.training_source(args, device)
+    # -- data (the toy: the latent space of the teacher, the toy VAE saved inside its checkpoint) ---------------------
+    toy_tok = data.toy_tokenizer_of(args.teacher, device) if args.preset == "toy" else None
+    dataset, to_latents, steps_per_epoch = data.training_source(args, device, toy_tok)
     total_steps = args.epochs * steps_per_epoch
 
     # -- models: ONE frozen teacher MAR; the student head (and with --train-transformer the student's transformer),
@@ -348,9 +349,11 @@ def main(argv=None):
 
     def save():
         if common.is_main():
-            common.save_checkpoint(ckpt_path, {"model": full_state(student or student_head), "model_ema": full_state(ema),
-                                            "aux": aux.state_dict(), "optimizer": opt_g.state_dict(),
-                                            "optimizer_aux": opt_a.state_dict(), "step": step, "args": vars(args)})
+            extra = {"toy_vae": toy_tok.vae.state_dict()} if toy_tok else {}  # passed on to RL and sampling
+            common.save_checkpoint(ckpt_path, {"model": full_state(student or student_head),
+                                               "model_ema": full_state(ema), "aux": aux.state_dict(),
+                                               "optimizer": opt_g.state_dict(), "optimizer_aux": opt_a.state_dict(),
+                                               "step": step, "args": vars(args), **extra})
 
     def ema_as_mar():  # the EMA student as a MAR (toy evaluation)
         if student is not None:
@@ -386,7 +389,7 @@ def main(argv=None):
             if step % args.log_every == 0 or step == last:
                 extra = {}
                 if evaluator is not None and ((args.eval_every and step % args.eval_every == 0) or step == last):
-                    extra = student_metrics(ema_as_mar(), evaluator, args)
+                    extra = student_metrics(ema_as_mar(), toy_tok, evaluator, args)
                 log.flush(step, total=last, **extra)
             if step % args.save_every == 0 or step == last:
                 save()
@@ -397,7 +400,7 @@ def main(argv=None):
 
     # -- toy: teacher (100 head steps, guided like the distillation target) vs one-step student --------------------
     if evaluator is not None:
-        report = compare_on_toy(teacher, ema_as_mar(), evaluator, args)
+        report = compare_on_toy(teacher, ema_as_mar(), toy_tok, evaluator, args)
         with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
             json.dump(report, f, indent=2)
         for who in ("teacher", "student"):
@@ -406,21 +409,21 @@ def main(argv=None):
     common.cleanup_distributed()
 
 
-def student_metrics(student, evaluator, args):
+def student_metrics(student, tokenizer, evaluator, args):
     from evaluate import sample_toy
-    imgs, labels, _ = sample_toy(student, args.eval_images, args.eval_num_iter, one_step=True, seed=10_000)
+    imgs, labels, _ = sample_toy(student, tokenizer, args.eval_images, args.eval_num_iter, one_step=True, seed=10_000)
     m = evaluator(imgs, labels)
     return {"student_toy_fid": m["toy_fid"], "student_accuracy": m["accuracy"]}
 
 
-def compare_on_toy(teacher, student, evaluator, args):
+def compare_on_toy(teacher, student, tokenizer, evaluator, args):
     """Same labels, K and image count; the teacher at its distillation CFG with 100 head steps, the student one
-    step at cfg 1. Both x0-clipped (pixel tokens, DESIGN 3)."""
+    step at cfg 1; both decoded by the toy VAE."""
     from evaluate import sample_toy, save_class_grid
     out = {}
     for who, model, kw in (("teacher", teacher, dict(cfg=args.teacher_cfg)), ("student", student, dict(one_step=True))):
-        sample_toy(model, 20, args.eval_num_iter, **kw)  # warm-up (first-call overheads out of the timing)
-        imgs, labels, sec = sample_toy(model, args.eval_images, args.eval_num_iter, seed=20_000, **kw)
+        sample_toy(model, tokenizer, 20, args.eval_num_iter, **kw)  # warm-up (first-call overheads out of the timing)
+        imgs, labels, sec = sample_toy(model, tokenizer, args.eval_images, args.eval_num_iter, seed=20_000, **kw)
         save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{who}.png"))
         out[who] = dict(evaluator(imgs, labels), sec_per_image=sec)
     out["speedup"] = out["teacher"]["sec_per_image"] / out["student"]["sec_per_image"]

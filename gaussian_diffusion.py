@@ -121,8 +121,8 @@ class GaussianDiffusion:
         """p(x_{t-1} | x_t) from the head's output (N, 2C) = [eps | v] (IDDPM Eq. 15, learned-range variance).
 
         log var = frac * log(beta_t) + (1 - frac) * log(posterior var), frac = (v + 1) / 2.
-        Returns dict(mean, variance, log_variance, pred_xstart). `clip_denoised` clips x0 to [-1, 1]: right for
-        pixel-space data (the toy), wrong for MAR's unbounded latents (MAR passes False).
+        Returns dict(mean, variance, log_variance, pred_xstart). `clip_denoised` bounds x0 (see `clip_x0`): MAR
+        passes False; the toy clips to its latents' range.
         """
         C = x_t.shape[-1]
         eps, v = model_out[..., :C], model_out[..., C:]
@@ -130,9 +130,7 @@ class GaussianDiffusion:
         max_log = self._at(self.betas.log(), t, x_t)
         frac = (v + 1) / 2
         log_var = frac * max_log + (1 - frac) * min_log
-        x0 = self.predict_x0(x_t, t, eps)
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
+        x0 = clip_x0(self.predict_x0(x_t, t, eps), clip_denoised)
         mean, _ = self.q_posterior(x0, x_t, t)
         return {"mean": mean, "variance": log_var.exp(), "log_variance": log_var, "pred_xstart": x0}
 
@@ -165,6 +163,21 @@ class GaussianDiffusion:
         nll = -discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"]).mean(dim=-1) / math.log(2.0)
         vb = torch.where(t == 0, nll, kl)
         return {"mse": mse, "vb": vb, "loss": mse + vb}
+
+
+def clip_x0(x0, bound):
+    """The predicted x0 clamped to [-b, b]: bound False / None leaves it as is (MAR: clip_denoised=False), True is
+    [-1, 1] (pixel data, IDDPM's clip_denoised), a number b is [-b, b] (the toy: its latents' range, README "Toy").
+
+    Why a toy needs it: near t = 999 the sampler reads x0 = x_t / sqrt(abar) - ... with 1 / sqrt(abar_999) = 2e4, and
+    the first reverse step's mean weighs that x0 by sqrt(abar_989) ~ 0.016, so an eps error e becomes 312 e in x_998.
+    MAR's large, long-trained heads keep e small enough; a toy head (eps error ~0.03 at t = 999) gives latents in
+    the hundreds. Clamping x0 to the data range throws the amplified error away; it is inactive once x0 is sane.
+    """
+    if bound is None or bound is False:
+        return x0
+    b = 1.0 if bound is True else float(bound)
+    return x0.clamp(-b, b)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from gaussian_diffusion import GaussianDiffusion
+from gaussian_diffusion import GaussianDiffusion, clip_x0
 
 # MAR's KL-16 latents are multiplied by this before the transformer ("normalize the std of latent to be 1").
 VAE_SCALE = 0.2325
@@ -268,7 +268,7 @@ def one_step_x0(net, z, c, diffusion, c_null=None, cfg=1.0, clip_denoised=False)
     t = torch.full((len(z),), ONE_STEP_T, dtype=torch.long, device=z.device)
     eps = guided_eps(net, z, t, c, c_null, cfg)[:, : z.shape[-1]]  # (N, C)
     x0 = diffusion.predict_x0(z, t, eps)
-    return x0.clamp(-1, 1) if clip_denoised else x0
+    return clip_x0(x0, clip_denoised)
 
 
 # ==== Masking helpers ===========================================================================================
@@ -500,6 +500,7 @@ class MAR(nn.Module):
         Teacher (one_step=False): each AR step runs the head's reverse diffusion (`num_diffusion_steps`, default the
         model's "100") for the newly revealed tokens, CFG on eps only. MARVAL (one_step=True): one head call per
         token from t* = 400, z scaled by `temperature`; use cfg = 1 for a distilled student.
+        `clip_denoised` bounds every predicted x0 (`clip_x0`): False as in MAR, the toy teacher its latents' range.
 
         generator: a torch.Generator, or a list of B generators (one per image: an image then depends only on its
         own generator, not on its batch). Gradients flow when enabled (RL): `checkpoint_steps` wraps every AR step in

@@ -84,7 +84,7 @@ def build_reward(args, device):
     return fn.to(device), None
 
 
-def generate_with_reference(policy, reference, labels, gens, args, clip):
+def generate_with_reference(policy, reference, labels, gens, args):
     """K-step one-step-head generation with gradients, and the DRaFT+ penalty (reward back-propagation: DRaFT, Clark
     et al. 2023, arXiv:2309.17400, here through all K AR steps; the penalty toward the frozen start: DRaFT+).
 
@@ -101,11 +101,11 @@ def generate_with_reference(policy, reference, labels, gens, args, clip):
         with torch.no_grad():
             cls = reference.class_emb(labels)
             c = reference.conditions(tokens.detach(), mask, cls)[to_pred]            # (B k, Dz)
-            records.append((to_pred, reference.diffloss.sample_one_step(c, noise, clip_denoised=clip)))
+            records.append((to_pred, reference.diffloss.sample_one_step(c, noise)))
 
-    latents = policy.sample_tokens(len(labels), num_iter=args.num_iter, labels=labels, one_step=True,
-                                   clip_denoised=clip, generator=gens, checkpoint_steps=not args.no_checkpoint_steps,
-                                   grad_steps=args.truncate_k, step_callback=on_step)
+    latents = policy.sample_tokens(len(labels), num_iter=args.num_iter, labels=labels, one_step=True, generator=gens,
+                                   checkpoint_steps=not args.no_checkpoint_steps, grad_steps=args.truncate_k,
+                                   step_callback=on_step)
     if not records:
         return latents, torch.zeros((), device=latents.device)
     tokens = policy.patchify(latents)                                                 # (B, L, C)
@@ -124,9 +124,8 @@ def heldout_labels(n, n_classes):
     return torch.arange(n) * n_classes // n if n < n_classes else torch.arange(n) % n_classes
 
 
-def rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, trainable, args, clip):
-    latents, penalty = generate_with_reference(policy, reference if args.reg_weight > 0 else None, labels, gens,
-                                               args, clip)
+def rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, trainable, args):
+    latents, penalty = generate_with_reference(policy, reference if args.reg_weight > 0 else None, labels, gens, args)
     images = tokenizer.decode(latents)
     reward = reward_fn(images, labels)                                                # (B,)
     loss = -reward.mean() + args.reg_weight * penalty
@@ -139,14 +138,14 @@ def rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, trainabl
 
 
 @torch.no_grad()
-def held_out(model, reference, tokenizer, reward_fn, evaluator, args, device, clip, n_classes):
+def held_out(model, reference, tokenizer, reward_fn, evaluator, args, device, n_classes):
     """Fixed labels and seeds: mean reward, the DRaFT+ distance to the frozen start (`drift`: the penalty term on
     the held-out generations), and on the toy accuracy and toy FID of the same images."""
     labels = heldout_labels(args.eval_images, n_classes).to(device)
     imgs, drift = [], []
     for i, lb in enumerate(labels.split(100)):
         gens = [torch.Generator(device).manual_seed(90_000 + 100 * i + j) for j in range(len(lb))]
-        lat, d = generate_with_reference(model, reference, lb, gens, args, clip)
+        lat, d = generate_with_reference(model, reference, lb, gens, args)
         imgs.append(tokenizer.decode(lat))
         drift.append(d * len(lb))
     imgs = torch.cat(imgs)
@@ -260,7 +259,7 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device, bsz = common.start_run(args)
-    toy = clip = args.preset == "toy"  # the toy's pixel tokens are clipped to [-1, 1]
+    toy = args.preset == "toy"
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     # -- models: policy (trained), frozen reference (the start), EMA -------------------------------------------------
@@ -272,11 +271,12 @@ def main(argv=None):
     ema = copy.deepcopy(policy).requires_grad_(False)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    vae = None
-    if not toy:
+    # the decoder the reward's gradient crosses: KL-16, or the toy VAE the student's checkpoint carries
+    if toy:
+        tokenizer = data.toy_tokenizer_of(args.student, device)
+    else:
         import vae as vae_lib
-        vae = vae_lib.load_vae(args.vae).to(device).requires_grad_(False)
-    tokenizer = data.Tokenizer(vae)
+        tokenizer = data.Tokenizer(vae_lib.load_vae(args.vae).to(device).requires_grad_(False))
     reward_fn, evaluator = build_reward(args, device)
     n_classes = policy.class_num
     total = args.max_steps or run_length(args)
@@ -292,13 +292,14 @@ def main(argv=None):
 
     def save(path):
         if common.is_main():
+            extra = {"toy_vae": tokenizer.vae.state_dict()} if toy else {}
             common.save_checkpoint(path, {"model": policy.state_dict(), "model_ema": ema.state_dict(),
-                                       "optimizer": opt.state_dict(), "step": step, "args": vars(args),
-                                       "history": history, "best": best})
+                                          "optimizer": opt.state_dict(), "step": step, "args": vars(args),
+                                          "history": history, "best": best, **extra})
 
     def evaluate_now():
         nonlocal best
-        rec, imgs, labels = held_out(ema, reference, tokenizer, reward_fn, evaluator, args, device, clip, n_classes)
+        rec, imgs, labels = held_out(ema, reference, tokenizer, reward_fn, evaluator, args, device, n_classes)
         rec["step"] = step
         history.append(rec)
         start_fid = history[0].get("toy_fid")
@@ -319,7 +320,7 @@ def main(argv=None):
         labels = torch.randint(0, n_classes, (bsz,), generator=g).to(device)
         gens = [torch.Generator(device).manual_seed(common.step_seed(args.seed, rank, step) * 131 + b) for b in range(bsz)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            stats = rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, trainable, args, clip)
+            stats = rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, trainable, args)
         step += 1
         common.update_ema(ema, policy, common.ema_decay(args.ema_rate, step, not args.no_ema_warmup))
         log.add(stats)

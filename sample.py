@@ -39,8 +39,9 @@ import mar
 AUTOCAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Sampling precision by device. The first reverse step of the 100-step respacing multiplies the head's eps error by
 # ~316 (sqrt(1/abar - 1) at t = 999), so the mantissa matters: fp16 keeps 11 bits, bf16 8 (DESIGN 11). Measured on
-# the toy teacher (README "Sampling precision", two seed sets): fp32 / bf16 / fp16 FID 17.56 / 17.55 / 17.56 and
-# 21.32 / 21.32 / 21.33, so bf16 stays the GPU default (the toy clips x0, which hides the x316: recheck on ImageNet).
+# the pixel-token toy teacher (README "Sampling precision", two seed sets): fp32 / bf16 / fp16 FID 17.56 / 17.55 /
+# 17.56 and 21.32 / 21.32 / 21.33, so bf16 stays the GPU default (that toy clipped x0, which hides the x316: recheck
+# on ImageNet).
 PRECISION_DEFAULT = {"cuda": "bf16", "cpu": "fp32"}
 
 
@@ -78,7 +79,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--ckpt", required=True, help="MAR-format checkpoint (official, train_mar, distill_gsim, rl_refine)")
-    g.add_argument("--preset", choices=["toy"], default=None, help="the toy digits model (no VAE)")
+    g.add_argument("--preset", choices=["toy"], default=None, help="the toy digits model (its toy VAE is inside --ckpt)")
     g.add_argument("--model", choices=list(mar.PRESETS), default="mar_base")
     g.add_argument("--img-size", type=int, default=256, help="image size of the model (MAR: 256)")
     g.add_argument("--vae", default=None, help="local kl16.ckpt (not for --preset toy)")
@@ -117,11 +118,11 @@ def main(argv=None):
     model = mar.MAR(**data.TOY_MODEL) if args.preset == "toy" else mar.PRESETS[args.model](img_size=args.img_size)
     mar.load_mar(args.ckpt, model, use_ema=not args.no_ema, verbose=common.is_main())
     model = model.to(device).eval()
-    vae = None
-    if args.preset != "toy":
+    if args.preset == "toy":  # the toy VAE the checkpoint was trained with, saved inside it
+        tokenizer = data.toy_tokenizer_of(args.ckpt, device)
+    else:
         import vae as vae_lib
-        vae = vae_lib.load_vae(args.vae).to(device)
-    tokenizer = data.Tokenizer(vae)
+        tokenizer = data.Tokenizer(vae_lib.load_vae(args.vae).to(device))
     labels = labels_for(args.num_images, args.class_num or model.class_num)
     mode = "one-step (MARVAL)" if args.one_step else f"teacher, {args.num_diffusion_steps} head steps"
     common.print0(f"sampling {args.num_images} images, {mode}, K={args.num_iter}, cfg {args.cfg} ({args.cfg_schedule}), "
@@ -144,7 +145,8 @@ def main(argv=None):
             latents = model.sample_tokens(len(idx), num_iter=args.num_iter, cfg=args.cfg,
                                           cfg_schedule=args.cfg_schedule, labels=labels[idx].to(device),
                                           temperature=args.temperature, num_diffusion_steps=args.num_diffusion_steps,
-                                          one_step=args.one_step, clip_denoised=args.preset == "toy", generator=gens)
+                                          one_step=args.one_step, generator=gens,
+                                          clip_denoised=None if args.one_step else tokenizer.x0_bound)
             images = tokenizer.decode(latents.float())
         for i, img in zip(idx, to_uint8(images).numpy()):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(os.path.join(img_dir, f"{i:05d}.png"))

@@ -6,12 +6,14 @@ head jointly with MAR's loss: a random order and ONE masking ratio per batch (tr
 [mask_ratio_min, 1]), the class label dropped to `fake_latent` with probability 0.1 (for CFG), and per masked token
 the head's diffusion loss (MSE on eps + variational bound on the variance) on `diffusion_batch_mul` noised copies.
 
-Reads: the toy digits (--preset toy), a class-folder dataset + the KL-16 VAE (--data-path, --vae), or a latent cache
+Reads: the toy digits (--preset toy; encoded by the toy VAE, trained once into --toy-vae in ~40 s and saved inside
+every toy checkpoint), a class-folder dataset + the KL-16 VAE (--data-path, --vae), or a latent cache
 (--cached-path, from `python data.py cache`). Writes to --out-dir: checkpoint-last.pth (official MAR format:
 model + model_ema, plus optimizer / step / args), log.jsonl, and for the toy grid.png (one row per class) and
 eval.json (toy FID / IS / accuracy of teacher samples).
 
-    # toy, CPU: 8,000 steps, ~15 min on 2 cores (toy FID 2.7x the real-split floor at K = 16); --epochs 190 halves it
+    # toy, CPU: 8,000 steps, ~32 min on 2 cores at 0.24 s / step; the demo's --epochs 95 (2,000 steps, 8 min) gives
+    # toy FID 14.8 (4.5x the real-split floor) at K = 4, cfg 1.2 (README "Measured on the toy")
     python train_mar.py --preset toy --out-dir runs/toy_teacher
     # ImageNet, 1 GPU / 8 GPUs (MAR-B recipe: 800 epochs at global batch 2048 in the paper; lr = blr * batch / 256)
     python train_mar.py --model mar_base --data-path IMAGENET/train --vae kl16.ckpt --out-dir runs/mar_base
@@ -36,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import common
 import mar
+import vae
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model and the learning-rate schedule
@@ -113,6 +116,7 @@ def get_args(argv=None):
     g.add_argument("--eval-num-iter", type=int, default=16, help="toy: AR iterations K for the final samples (K = L)")
     g.add_argument("--eval-cfg", type=float, default=1.0, help="toy: CFG scale for the final samples")
     g.add_argument("--classifier", default="runs/toy_classifier.pt", help="toy evaluator cache")
+    g.add_argument("--toy-vae", default="runs/toy_vae.pt", help="toy tokenizer cache (trained on first use, ~40 s)")
     args = p.parse_args(argv)
     if args.preset == "toy":  # toy defaults, but flags given explicitly still win
         p.set_defaults(**TOY_DEFAULTS)
@@ -142,7 +146,9 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------------
     # Data: every source yields (x, label) where x becomes MAR latents (B, C, H, W) in `to_latents`
     # ------------------------------------------------------------------------------------------------------------
-    dataset, to_latents, steps_per_epoch = data.training_source(args, device)
+    ckpt_path = os.path.join(args.out_dir, "checkpoint-last.pth")
+    toy_tok = toy_tokenizer(args, ckpt_path, device) if args.preset == "toy" else None
+    dataset, to_latents, steps_per_epoch = data.training_source(args, device, toy_tok)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
 
@@ -164,7 +170,6 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=base_lr, betas=(0.9, 0.95))
     step = 0
-    ckpt_path = os.path.join(args.out_dir, "checkpoint-last.pth")
     if args.resume and os.path.exists(ckpt_path):
         ck = mar.read_checkpoint(ckpt_path)
         mar.load_state_dict_strict(model, ck["model"], ckpt_path)
@@ -176,8 +181,10 @@ def main(argv=None):
 
     def save():
         if common.is_main():
+            extra = {"toy_vae": toy_tok.vae.state_dict()} if toy_tok else {}  # a toy checkpoint carries its VAE
             common.save_checkpoint(ckpt_path, {"model": model.state_dict(), "model_ema": ema.state_dict(),
-                                            "optimizer": opt.state_dict(), "step": step, "args": vars(args)})
+                                               "optimizer": opt.state_dict(), "step": step, "args": vars(args),
+                                               **extra})
 
     # ------------------------------------------------------------------------------------------------------------
     # Loop
@@ -219,21 +226,33 @@ def main(argv=None):
     common.assert_ranks_agree(model)
 
     # ------------------------------------------------------------------------------------------------------------
-    # Toy: sample the EMA teacher (100 head steps, x0 clipped to the pixel range) and score it
+    # Toy: sample the EMA teacher (100 head steps), decode with the toy VAE, score it
     # ------------------------------------------------------------------------------------------------------------
     if args.preset == "toy" and common.is_main() and args.eval_images > 0:
-        result = evaluate_toy_teacher(ema, args, device)
+        result = evaluate_toy_teacher(ema, toy_tok, args)
         with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
             json.dump(result, f, indent=2)
         common.print0("toy teacher: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)))
     common.cleanup_distributed()
 
 
-def evaluate_toy_teacher(model, args, device):
+def toy_tokenizer(args, ckpt_path, device):
+    """The toy VAE: the one inside the checkpoint when resuming (the latent space the run started in), else the
+    cached --toy-vae file, trained on first use by rank 0 while the other ranks wait."""
+    if args.resume and os.path.exists(ckpt_path):
+        return data.toy_tokenizer_of(ckpt_path, device)
+    if common.is_main():
+        vae.load_toy_vae(args.toy_vae)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return data.toy_tokenizer(vae.load_toy_vae(args.toy_vae).to(device))
+
+
+def evaluate_toy_teacher(model, tokenizer, args):
     """Sample the toy teacher (100 head steps per token) and score it with the toy classifier; grid.png."""
     from evaluate import ToyEvaluator, sample_toy, save_class_grid
     ev = ToyEvaluator(args.classifier)
-    imgs, labels, sec = sample_toy(model, args.eval_images, args.eval_num_iter, args.eval_cfg)
+    imgs, labels, sec = sample_toy(model, tokenizer, args.eval_images, args.eval_num_iter, args.eval_cfg)
     save_class_grid(imgs, labels, os.path.join(args.out_dir, "grid.png"))
     return dict(ev(imgs, labels), real_split_fid=ev.real_split_fid(), sec_per_image=sec,
                 num_images=len(imgs), num_iter=args.eval_num_iter, cfg=args.eval_cfg, diffusion_steps=100)

@@ -39,15 +39,27 @@ def randomize_(model, std=0.05, seed=0):
 
 
 @pytest.fixture(scope="session")
-def toy_ckpt(tmp_path_factory):
-    """A toy-configuration MAR with small random (non-zero) weights, saved in the official checkpoint format."""
+def toy_vae_file(tmp_path_factory):
+    """A briefly trained toy VAE (30 steps, ~2 s) saved like runs/toy_vae.pt: pass it as --toy-vae."""
+    import common
+    import vae
+    path = tmp_path_factory.mktemp("toy_vae") / "toy_vae.pt"
+    common.save_checkpoint(str(path), {"model": vae.train_toy_vae(steps=30, verbose=False).state_dict()})
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def toy_ckpt(tmp_path_factory, toy_vae_file):
+    """A toy-configuration MAR with small random (non-zero) weights, saved in the official checkpoint format, with
+    the toy VAE its latents belong to (as train_mar.py --preset toy writes it)."""
     import data
     import common
     import mar
     torch.manual_seed(0)
     m = randomize_(mar.MAR(**data.TOY_MODEL), std=0.02)
     path = tmp_path_factory.mktemp("toy_ckpt") / "checkpoint-last.pth"
-    common.save_checkpoint(str(path), {"model": m.state_dict(), "model_ema": m.state_dict()})
+    common.save_checkpoint(str(path), {"model": m.state_dict(), "model_ema": m.state_dict(),
+                                       "toy_vae": mar.read_checkpoint(toy_vae_file)["model"]})
     return str(path)
 
 

@@ -1,4 +1,4 @@
-"""data.py: the toy digits and pixel tokens, the class-folder reader, the latent cache."""
+"""data.py: the toy digits and the toy VAE tokenizer, the class-folder reader, the latent cache."""
 import argparse
 
 import numpy as np
@@ -23,13 +23,59 @@ def test_toy_digits_split_and_range():
     assert torch.equal(data.toy_digits("heldout")[0], xh)
 
 
-def test_toy_pixel_tokens_have_the_kl16_token_width():
-    model = mar.MAR(**data.TOY_MODEL)
+def test_toy_latents_have_the_kl16_token_width():
+    model, ae = mar.MAR(**data.TOY_MODEL), vae.ToyVAE()
     x, _ = data.toy_digits("heldout")
-    tokens = model.patchify(x[:4])
-    assert tokens.shape == (4, 16, 16)  # 16 tokens of 16 values, like KL-16's 256 tokens of 16
-    torch.testing.assert_close(tokens[0, 5], x[0, 0, 4:8, 4:8].reshape(-1))  # token 5 = row 1, col 1 patch
-    assert torch.equal(data.Tokenizer(None).encode(x[:4]), x[:4])
+    z = ae.encode(x[:4]).mean
+    assert z.shape == (4, 16, 4, 4)                    # stride 4, 16 channels
+    tokens = model.patchify(z)
+    assert tokens.shape == (4, 16, 16)                 # 16 tokens of 16 values, like KL-16's 256 tokens of 16
+    torch.testing.assert_close(tokens[0, 5], z[0, :, 1, 1])  # token 5 = latent row 1, column 1
+    assert ae.decode(z).shape == x[:4].shape
+
+
+@pytest.fixture(scope="module")
+def trained_toy_vae():
+    return vae.train_toy_vae(steps=150, verbose=False)
+
+
+def test_toy_vae_reconstructs_and_has_unit_variance_latents(trained_toy_vae):
+    """150 of the 1,000 default steps already reconstruct the held-out digits (an untrained or broken decoder is
+    ~50x worse); `scale` makes the training latents unit-variance, as 0.2325 does for KL-16, and `latent_bound` is
+    their range."""
+    x, _ = data.toy_digits("train")
+    xh, _ = data.toy_digits("heldout")
+    tok = data.toy_tokenizer(trained_toy_vae)
+    with torch.no_grad():
+        err = (tok.decode(tok.encode(xh, torch.Generator().manual_seed(1))) - xh).square().mean().item()
+        untrained = (vae.ToyVAE().decode(vae.ToyVAE().encode(xh).mean) - xh).square().mean().item()
+        z = tok.encode(x, torch.Generator().manual_seed(2))  # a fresh posterior sample, scaled
+    assert err < 0.05 * xh.var().item() and untrained > 0.5 * xh.var().item(), (err, untrained)
+    assert abs(z.std().item() - 1) < 0.03 and abs(tok.scale - 1) > 1e-3  # the scale is measured, not 1 by default
+    assert tok.x0_bound == pytest.approx(trained_toy_vae.latent_bound.item())
+    assert 0.8 * tok.x0_bound < z.abs().max().item() < 1.25 * tok.x0_bound
+
+
+def test_toy_tokenizer_travels_in_the_checkpoint(trained_toy_vae, tmp_path):
+    """A toy checkpoint decodes with the VAE saved inside it; one without it is refused with a clear message."""
+    import common
+    path = str(tmp_path / "ck.pth")
+    common.save_checkpoint(path, {"model": {}, "toy_vae": trained_toy_vae.state_dict()})
+    tok = data.toy_tokenizer_of(path)
+    for k, v in trained_toy_vae.state_dict().items():
+        assert torch.equal(tok.vae.state_dict()[k], v), k
+    assert tok.scale == pytest.approx(trained_toy_vae.scale.item())
+    common.save_checkpoint(path, {"model": {}})
+    with pytest.raises(ValueError, match="no 'toy_vae' entry.*train_mar.py --preset toy"):
+        data.toy_tokenizer_of(path)
+
+
+def test_clip_x0_bounds():
+    from gaussian_diffusion import clip_x0
+    x = torch.linspace(-10, 10, 21)
+    assert torch.equal(clip_x0(x, False), x) and torch.equal(clip_x0(x, None), x)  # MAR: unbounded latents
+    assert clip_x0(x, True).abs().max() == 1 and clip_x0(x, 3.5).abs().max() == 3.5
+    assert torch.equal(clip_x0(x, 3.5)[7:14], x[7:14])  # values inside the bound are untouched
 
 
 def write_images(root, sizes):

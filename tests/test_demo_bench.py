@@ -2,12 +2,17 @@
 output structure. No timing assertions: speed lives in bench.py runs."""
 import json
 import os
+import shutil
+
+import pytest
+from PIL import Image
 
 import bench
 import demo
 
 
-def test_demo_pipeline_runs_and_reuses_finished_stages(tmp_path, capsys):
+def test_demo_pipeline_runs_and_reuses_finished_stages(tmp_path, capsys, toy_vae_file):
+    shutil.copy(toy_vae_file, tmp_path / "toy_vae.pt")  # the demo reuses a toy VAE in its folder (no 40 s training)
     argv = ["--out-dir", str(tmp_path), "--teacher-epochs", "1", "--distill-epochs", "1", "--rl-steps", "2",
             "--eval-images", "20", "--rl-eval-images", "20", "--timing-images", "10",
             "--rl-args=--eval-every 1 --global-batch-size 4"]
@@ -15,6 +20,10 @@ def test_demo_pipeline_runs_and_reuses_finished_stages(tmp_path, capsys):
     for name in ("teacher", "student", "student_rl"):
         assert {"toy_fid", "toy_is", "accuracy", "reward", "sec_per_image", "speedup"} <= set(report[name])
         assert os.path.exists(tmp_path / f"grid_{name}.png")
+        assert len(report[name]["toy_fid_by_seed"]) == 3
+        assert report[name]["toy_fid"] == pytest.approx(sum(report[name]["toy_fid_by_seed"]) / 3)
+    with Image.open(tmp_path / "grids.png") as im:  # real, teacher, student, RL side by side: 4 panels of 8 columns
+        assert im.width > 4 * 8 * 17 * 3 and im.height > 10 * 17 * 3
     assert report["teacher"]["speedup"] == 1.0 and report["real_split_fid"] > 0
     assert set(report["speedup_by_k"]) == {"4", "8", "16"}
     assert json.load(open(tmp_path / "report.json"))["student"]["toy_fid"] == report["student"]["toy_fid"]

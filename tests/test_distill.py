@@ -34,7 +34,9 @@ def test_only_the_student_head_moves(toy_ckpt, tmp_path):
         assert 0 < r["y_mean"] <= r["y_max"]
     student = mar.load_mar(os.path.join(out, "checkpoint-last.pth"), mar.MAR(**data.TOY_MODEL))  # a plain MAR
     x = student.sample_tokens(2, num_iter=2, labels=torch.tensor([1, 2]), one_step=True)
-    assert x.shape == (2, 1, 16, 16) and torch.isfinite(x).all()
+    assert x.shape == (2, 16, 4, 4) and torch.isfinite(x).all()  # toy VAE latents
+    ck_vae, t_vae = ck["toy_vae"], mar.read_checkpoint(toy_ckpt)["toy_vae"]  # the teacher's toy VAE, passed on
+    assert ck_vae.keys() == t_vae.keys() and all(torch.equal(ck_vae[k], t_vae[k]) for k in t_vae)
 
 
 def test_resume_is_exact(toy_ckpt, tmp_path):

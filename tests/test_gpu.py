@@ -24,11 +24,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 GPU = ["--device", "cuda", "--precision", "bf16"]
 
 
-def test_toy_stages_on_cuda(tmp_path):
+def test_toy_stages_on_cuda(tmp_path, toy_vae_file):
     clf = str(tmp_path / "clf.pt")
     t = str(tmp_path / "teacher")
     train_mar.main(["--preset", "toy", "--out-dir", t, "--max-steps", "3", "--eval-images", "20",
-                    "--eval-num-iter", "2", "--classifier", clf] + GPU)
+                    "--eval-num-iter", "2", "--classifier", clf, "--toy-vae", toy_vae_file] + GPU)
     s = str(tmp_path / "student")
     distill_gsim.main(["--preset", "toy", "--teacher", f"{t}/checkpoint-last.pth", "--out-dir", s, "--max-steps", "3",
                        "--eval-images", "20", "--global-batch-size", "8", "--classifier", clf] + GPU)

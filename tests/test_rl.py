@@ -94,6 +94,25 @@ def test_toy_rl_run_logs_regularises_and_selects(toy_ckpt, tmp_path):
     mar.load_mar(os.path.join(out, "checkpoint-last.pth"), mar.MAR(**data.TOY_MODEL))  # loads like any MAR
     assert os.path.exists(os.path.join(out, "reward_vs_fid.png"))
     assert report["start"]["drift"] == 0.0 and report["last"]["drift"] > 0  # the held-out DRaFT+ distance
+    vae_in = mar.read_checkpoint(toy_ckpt)["toy_vae"]  # the RL checkpoints pass the student's toy VAE on
+    for ck in (best, mar.read_checkpoint(os.path.join(out, "checkpoint-last.pth"))):
+        assert all(torch.equal(ck["toy_vae"][k], v) for k, v in vae_in.items())
+
+
+def test_toy_reward_gradient_crosses_the_toy_decoder(toy_ckpt):
+    """On the toy, as on ImageNet, the reward's gradient reaches the generator through the VAE decoder: it is
+    non-zero in the head and the transformer, and nothing in the decoder or the classifier trains."""
+    model = mar.load_mar(toy_ckpt, mar.MAR(**data.TOY_MODEL), verbose=False)
+    tok, clf = data.toy_tokenizer_of(toy_ckpt), evaluate.ToyClassifier().requires_grad_(False)
+    labels = torch.tensor([3, 7])
+    latents = model.sample_tokens(2, num_iter=2, labels=labels, one_step=True, generator=torch.Generator().manual_seed(0))
+    images = tok.decode(latents)
+    assert images.shape == (2, 1, 16, 16) and images.requires_grad
+    clf(images).log_softmax(1).gather(1, labels[:, None]).sum().backward()
+    for name in ("diffloss.net.final_layer.linear.weight", "encoder_blocks.0.attn.qkv.weight"):
+        g = dict(model.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+    assert all(p.grad is None for p in list(tok.vae.parameters()) + list(clf.parameters()))
 
 
 def distance_moved(ckpt_path, start):

@@ -15,6 +15,12 @@ from conftest import ROOT
 FAST = ["--preset", "toy", "--global-batch-size", "16", "--eval-images", "0", "--log-every", "1", "--save-every", "2"]
 
 
+@pytest.fixture
+def fast(toy_vae_file):
+    """FAST with the session's small toy VAE (the default --toy-vae would train the real one into runs/)."""
+    return FAST + ["--toy-vae", toy_vae_file]
+
+
 def assert_same_checkpoint(a, b):
     assert a["step"] == b["step"]
     for part in ("model", "model_ema"):
@@ -27,11 +33,11 @@ def assert_same_checkpoint(a, b):
             assert torch.equal(torch.as_tensor(oa[i][k]), torch.as_tensor(ob[i][k])), (i, k)
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+def test_kill_and_resume_equals_uninterrupted(tmp_path, fast):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    train_mar.main(FAST + ["--out-dir", straight, "--max-steps", "5"])
-    train_mar.main(FAST + ["--out-dir", split, "--max-steps", "3"])          # "killed" after step 3
-    train_mar.main(FAST + ["--out-dir", split, "--max-steps", "5", "--resume"])
+    train_mar.main(fast + ["--out-dir", straight, "--max-steps", "5"])
+    train_mar.main(fast + ["--out-dir", split, "--max-steps", "3"])          # "killed" after step 3
+    train_mar.main(fast + ["--out-dir", split, "--max-steps", "5", "--resume"])
     a = mar.read_checkpoint(os.path.join(straight, "checkpoint-last.pth"))
     b = mar.read_checkpoint(os.path.join(split, "checkpoint-last.pth"))
     assert a["step"] == 5
@@ -41,9 +47,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert any(not torch.equal(fresh[k], a["model"][k]) for k in fresh)
 
 
-def test_checkpoint_is_official_format(tmp_path):
+def test_checkpoint_is_official_format(tmp_path, fast):
     out = str(tmp_path / "run")
-    train_mar.main(FAST + ["--out-dir", out, "--max-steps", "2"])
+    train_mar.main(fast + ["--out-dir", out, "--max-steps", "2"])
     path = os.path.join(out, "checkpoint-last.pth")
     ck = mar.read_checkpoint(path)
     assert {"model", "model_ema", "optimizer", "step", "args"} <= set(ck)
@@ -52,23 +58,24 @@ def test_checkpoint_is_official_format(tmp_path):
     assert open(os.path.join(out, "log.jsonl")).read().count("\n") == 2
 
 
-def test_resume_with_a_mismatched_model_fails_and_keeps_the_checkpoint(tmp_path):
+def test_resume_with_a_mismatched_model_fails_and_keeps_the_checkpoint(tmp_path, fast):
     out = str(tmp_path / "run")
-    train_mar.main(FAST + ["--out-dir", out, "--max-steps", "2"])
+    train_mar.main(fast + ["--out-dir", out, "--max-steps", "2"])
     path = os.path.join(out, "checkpoint-last.pth")
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
     with pytest.raises(ValueError, match="diffloss"):
-        train_mar.main(FAST + ["--out-dir", out, "--max-steps", "4", "--resume", "--diffloss-w", "64"])
+        train_mar.main(fast + ["--out-dir", out, "--max-steps", "4", "--resume", "--diffloss-w", "64"])
     assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
 
 
-def test_bad_arguments(tmp_path):
+def test_bad_arguments(tmp_path, toy_vae_file):
     with pytest.raises(SystemExit):
         train_mar.get_args(["--out-dir", "x"])  # no data source
     with pytest.raises(SystemExit):
         train_mar.get_args(["--out-dir", "x", "--data-path", "imgs"])  # images need the VAE
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        train_mar.main(["--preset", "toy", "--out-dir", str(tmp_path), "--global-batch-size", "5000"])
+        train_mar.main(["--preset", "toy", "--out-dir", str(tmp_path), "--global-batch-size", "5000", "--toy-vae",
+                        toy_vae_file])
 
 
 def test_toy_out_dirs_default_and_real_runs_must_name_one(capsys):
@@ -92,9 +99,9 @@ def torchrun(script, args, nproc=2, timeout=300):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
+def test_two_process_gloo_run_keeps_ranks_identical(tmp_path, fast):
     out = str(tmp_path / "ddp")
-    r = torchrun("train_mar.py", FAST + ["--out-dir", out, "--max-steps", "3"])
+    r = torchrun("train_mar.py", fast + ["--out-dir", out, "--max-steps", "3"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ranks agree: all 2 processes" in r.stdout + r.stderr
     assert mar.read_checkpoint(os.path.join(out, "checkpoint-last.pth"))["step"] == 3

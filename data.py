@@ -147,14 +147,14 @@ def toy_tokenizer(vae_model):
     return Tokenizer(vae_model, float(vae_model.scale), float(vae_model.latent_bound))
 
 
-def toy_tokenizer_of(ckpt, device="cpu"):
+def toy_tokenizer_of(path, device="cpu"):
     """The toy VAE a toy checkpoint's MAR was trained on. Every toy stage saves it inside its checkpoint under
     'toy_vae' (train_mar.py writes it, the later stages copy it), so a checkpoint always decodes with the latent
-    space it was trained in, even if runs/toy_vae.pt is retrained. `ckpt`: a path or a loaded checkpoint."""
+    space it was trained in, even if runs/toy_vae.pt is retrained."""
     import vae as vae_lib
-    ck = mar.read_checkpoint(ckpt) if isinstance(ckpt, str) else ckpt
+    ck = mar.read_checkpoint(path)
     if "toy_vae" not in ck:
-        raise ValueError(f"toy checkpoint {ckpt if isinstance(ckpt, str) else ''!r} has no 'toy_vae' entry: it was "
+        raise ValueError(f"toy checkpoint {path!r} has no 'toy_vae' entry: it was "
                          "written before the toy had a latent tokenizer (pixel tokens) or is not a toy checkpoint; "
                          "train a new toy teacher with `python train_mar.py --preset toy`")
     model = vae_lib.ToyVAE()
@@ -213,13 +213,13 @@ def make_grid(images, nrow):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def training_source(args, device, toy_tokenizer=None):
+def training_source(args, device, toy_tok=None):
     """(dataset of (x, label), to_latents(x, generator) -> MAR latents (B, C, H, W), steps per epoch) from the common
-    flags: --preset toy (digits encoded on the fly by `toy_tokenizer`, a posterior sample per batch as MAR's cache
+    flags: --preset toy (digits encoded on the fly by `toy_tok`, the toy VAE's Tokenizer, a posterior sample per batch as MAR's cache
     gives), --cached-path (posterior moments -> a fresh sample), or --data-path + --vae (images encoded on the fly by
     the frozen VAE; random flips)."""
     if getattr(args, "preset", None) == "toy":
-        dataset, to_latents = torch.utils.data.TensorDataset(*toy_digits("train")), toy_tokenizer.encode
+        dataset, to_latents = torch.utils.data.TensorDataset(*toy_digits("train")), toy_tok.encode
     elif args.cached_path:
         dataset, to_latents = CachedLatents(args.cached_path), Tokenizer(None).latents_from_moments
     else:

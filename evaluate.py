@@ -437,8 +437,8 @@ def save_titled_grids(panels, path, per_class=8, zoom=3):
     from PIL import Image, ImageDraw
     ims = [class_grid(x, y, per_class, zoom).convert("RGB") for _, x, y in panels]
     gap, top = 12, 22
-    fig = Image.new("RGB", (sum(im.width for im in ims) + gap * (len(ims) + 1), max(im.height for im in ims) + top + gap),
-                    "white")
+    width = sum(im.width for im in ims) + gap * (len(ims) + 1)
+    fig = Image.new("RGB", (width, max(im.height for im in ims) + top + gap), "white")
     draw, x = ImageDraw.Draw(fig), gap
     for (title, _, _), im in zip(panels, ims):
         draw.text((x, 6), title, fill="black")

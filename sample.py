@@ -79,7 +79,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--ckpt", required=True, help="MAR-format checkpoint (official, train_mar, distill_gsim, rl_refine)")
-    g.add_argument("--preset", choices=["toy"], default=None, help="the toy digits model (its toy VAE is inside --ckpt)")
+    g.add_argument("--preset", choices=["toy"], default=None,
+                   help="the toy digits model (its toy VAE is inside --ckpt)")
     g.add_argument("--model", choices=list(mar.PRESETS), default="mar_base")
     g.add_argument("--img-size", type=int, default=256, help="image size of the model (MAR: 256)")
     g.add_argument("--vae", default=None, help="local kl16.ckpt (not for --preset toy)")

@@ -147,7 +147,7 @@ def main(argv=None):
     # Data: every source yields (x, label) where x becomes MAR latents (B, C, H, W) in `to_latents`
     # ------------------------------------------------------------------------------------------------------------
     ckpt_path = os.path.join(args.out_dir, "checkpoint-last.pth")
-    toy_tok = toy_tokenizer(args, ckpt_path, device) if args.preset == "toy" else None
+    toy_tok = toy_tokenizer_for_run(args, ckpt_path, device) if args.preset == "toy" else None
     dataset, to_latents, steps_per_epoch = data.training_source(args, device, toy_tok)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
@@ -236,7 +236,7 @@ def main(argv=None):
     common.cleanup_distributed()
 
 
-def toy_tokenizer(args, ckpt_path, device):
+def toy_tokenizer_for_run(args, ckpt_path, device):
     """The toy VAE: the one inside the checkpoint when resuming (the latent space the run started in), else the
     cached --toy-vae file, trained on first use by rank 0 while the other ranks wait."""
     if args.resume and os.path.exists(ckpt_path):

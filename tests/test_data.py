@@ -144,3 +144,11 @@ def test_epoch_flips_are_seeded_and_mixed(tmp_path):
     ds = data.ImageFolder(str(tmp_path), image_size=32, flip=True)
     assert torch.equal(ds[(1, True)][0], ds[(1, False)][0].flip(-1))
     assert torch.equal(ds[1][0], ds.load(1)[0])  # a plain index: no flip
+
+
+def test_posterior_kl_matches_torch_distributions():
+    m = torch.randn(2, 8, 3, 3)
+    post = vae.DiagonalGaussian(m)
+    want = torch.distributions.kl_divergence(torch.distributions.Normal(post.mean, post.std),
+                                             torch.distributions.Normal(0.0, 1.0))
+    torch.testing.assert_close(post.kl(), want)

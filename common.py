@@ -1,4 +1,4 @@
-"""The run machinery every stage shares: processes, logs, checkpoints, EMA, seeds. No math lives here.
+"""The run machinery every stage shares: processes, logs, checkpoints, EMA, seeds, figures. No math lives here.
 
 mar.py is the model, its diffusion and its samplers; this file is what a training or sampling script needs around
 them (nanochat keeps `gpt.py` apart from `common.py` the same way):
@@ -13,6 +13,7 @@ them (nanochat keeps `gpt.py` apart from `common.py` the same way):
   - `save_checkpoint`: atomic writes (temporary file, then rename). Reading lives in mar.py (`read_checkpoint`).
   - `ema_decay` / `update_ema`: the EMA of the weights that every tool loads.
   - `step_seed`: one seed per (run, rank, step), which makes resume exact without saving RNG state.
+  - `plot_panels`, `save_class_grid`, `save_titled_grids`: the reports' figures, drawn with PIL.
 
 Every function depends only on torch and its arguments; copy any one of them on its own.
 """
@@ -191,3 +192,71 @@ def step_seed(seed, rank, step):
     """One seed per (run seed, rank, step). The scripts re-seed their generators every step from it, so a run
     resumed at step n draws exactly what the uninterrupted run drew, with no RNG state to save."""
     return (seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63)
+
+
+# ==== Figures: line / scatter panels drawn with PIL (no plotting dependency) ======================================
+
+PALETTE = ("steelblue", "darkorange", "seagreen", "firebrick", "purple")
+
+
+def plot_panels(panels, path, size=(520, 400)):
+    """Save side-by-side panels as one PNG. Each panel is a dict: title, xlabel, ylabel, and series, a list of
+    (name, points) with points [(x, y, label or None), ...] joined in order, each point's label written beside it,
+    and optionally ylim (low, high). Axes span the data or ylim (the ranges are printed with the axis names), enough
+    to read a trade-off's shape."""
+    from PIL import Image, ImageDraw
+    W, H, pad = *size, 60
+    im = Image.new("RGB", (W * len(panels), H), "white")
+    d = ImageDraw.Draw(im)
+    for i, panel in enumerate(panels):
+        ox = i * W
+        pts = [p for _, series in panel["series"] for p in series]
+        if not pts:
+            continue
+        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+        y0, y1 = panel.get("ylim") or (min(p[1] for p in pts), max(p[1] for p in pts))
+        sx = lambda v: ox + pad + (v - x0) / max(x1 - x0, 1e-12) * (W - 2 * pad)
+        sy = lambda v: H - pad - (v - y0) / max(y1 - y0, 1e-12) * (H - 2 * pad)
+        d.line([(ox + pad, H - pad), (ox + W - pad, H - pad)], fill="black")
+        d.line([(ox + pad, pad), (ox + pad, H - pad)], fill="black")
+        d.text((ox + 10, 8), panel["title"], fill="black")
+        d.text((ox + 10, 24), f"y: {panel['ylabel']} ({y0:.4g} .. {y1:.4g})", fill="black")
+        d.text((ox + pad, H - pad + 25), f"x: {panel['xlabel']} ({x0:.4g} .. {x1:.4g})", fill="black")
+        for j, (name, series) in enumerate(panel["series"]):
+            color = PALETTE[j % len(PALETTE)]
+            if len(series) > 1:
+                d.line([(sx(x), sy(y)) for x, y, _ in series], fill=color, width=2)
+            for x, y, label in series:
+                d.ellipse([sx(x) - 3, sy(y) - 3, sx(x) + 3, sy(y) + 3], fill=color)
+                if label is not None:
+                    d.text((sx(x) + 5, sy(y) - 12), str(label), fill="gray")
+            d.text((ox + W // 2, 8 + 14 * j), name, fill=color)  # legend above the plot area
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    im.save(path)
+
+
+def class_grid(images, labels, per_class=10, zoom=3):
+    """PIL grid, one row per class (the first `per_class` images of each), enlarged `zoom` times."""
+    from data import make_grid
+    rows = torch.cat([images[labels == k][:per_class] for k in range(int(labels.max()) + 1)])
+    im = make_grid(rows, per_class)
+    return im.resize((im.width * zoom, im.height * zoom), resample=0)
+
+
+def save_class_grid(images, labels, path, per_class=10, zoom=3):
+    class_grid(images, labels, per_class, zoom).save(path)
+
+
+def save_titled_grids(panels, path, per_class=8, zoom=3):
+    """One figure of class grids side by side, each under its title: panels = [(title, images, labels), ...]."""
+    from PIL import Image, ImageDraw
+    ims = [class_grid(x, y, per_class, zoom).convert("RGB") for _, x, y in panels]
+    gap, top = 12, 22
+    width = sum(im.width for im in ims) + gap * (len(ims) + 1)
+    fig = Image.new("RGB", (width, max(im.height for im in ims) + top + gap), "white")
+    draw, x = ImageDraw.Draw(fig), gap
+    for (title, _, _), im in zip(panels, ims):
+        draw.text((x, 6), title, fill="black")
+        fig.paste(im, (x, top))
+        x += im.width + gap
+    fig.save(path)

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+import common
 import data
 import distill_gsim
 import evaluate
@@ -65,15 +66,35 @@ def run_stages(args):
     # Each stage script is called in-process through its own main(argv): the demo runs exactly the commands a user
     # would type, with --resume so that an interrupted stage continues instead of starting again.
     for name, fn, steps, argv in stages:
-        ckpt = os.path.join(d(name), "checkpoint-last.pth")
-        if stage_done(ckpt, steps):
-            print(f"[demo] {name}: reusing {ckpt}")
-            continue
-        print(f"[demo] {name}: {steps} steps -> {d(name)}")
-        t0 = time.time()
-        fn(argv + ["--out-dir", d(name), "--resume"])
-        seconds[name] = time.time() - t0
+        sec = run_stage(fn, d(name), steps, argv)
+        if sec is not None:
+            seconds[name] = sec
     return d, clf, seconds
+
+
+def run_stage(fn, out_dir, steps, argv):
+    """Run one stage script (its main(argv)) into out_dir unless its checkpoint already reached `steps`; resumes an
+    interrupted one. Returns the seconds it took, or None when reused."""
+    ckpt = os.path.join(out_dir, "checkpoint-last.pth")
+    if stage_done(ckpt, steps):
+        print(f"[demo] reusing {ckpt}")
+        return None
+    print(f"[demo] {fn.__module__}: {steps} steps -> {out_dir}")
+    t0 = time.time()
+    fn(argv + ["--out-dir", out_dir, "--resume"])
+    return time.time() - t0
+
+
+def load_toy(path):
+    """(EMA MAR of the checkpoint's size in eval mode, the toy VAE tokenizer it carries)."""
+    return mar.load_mar(path, data.toy_model_of(path), verbose=False).eval(), data.toy_tokenizer_of(path)
+
+
+def seconds_per_image(model, tokenizer, num_iter, n, **kw):
+    """Sampling speed: a warm-up call of 20 images, then the best of two timed calls of n images (toy VAE decoding
+    included, as KL-16's is on ImageNet)."""
+    evaluate.sample_toy(model, tokenizer, 20, num_iter, **kw)
+    return min(evaluate.sample_toy(model, tokenizer, n, num_iter, seed=60_000 + r, **kw)[2] for r in range(2))
 
 
 EVAL_SEEDS = (50_000, 51_000, 52_000)  # three evaluation seed sets: toy FID of 400 digits moves by ~+-2 between them
@@ -91,8 +112,7 @@ def evaluate_all(args, d, clf):
              "student_rl": rl_ckpt if os.path.exists(rl_ckpt) else os.path.join(d("student_rl"), "checkpoint-last.pth")}
     kwargs = {"teacher": dict(cfg=args.teacher_cfg), "student": dict(one_step=True), "student_rl": dict(one_step=True)}
     # each model with the toy VAE its checkpoint carries (all three are the teacher's, passed on by the stages)
-    models = {name: (mar.load_mar(path, mar.MAR(**data.TOY_MODEL), verbose=False).eval(),
-                     data.toy_tokenizer_of(path), kwargs[name]) for name, path in paths.items()}
+    models = {name: (*load_toy(path), kwargs[name]) for name, path in paths.items()}
     # Quality: the same labels (0..9 cycling) and generator seeds for every model, so differences are the models';
     # three seed sets, the mean reported as toy_fid / accuracy / reward and each set's value beside it.
     report, grids = {}, {}
@@ -108,10 +128,10 @@ def evaluate_all(args, d, clf):
         report[name]["toy_fid_by_seed"] = [r["toy_fid"] for r in runs]
         report[name]["accuracy_by_seed"] = [r["accuracy"] for r in runs]
     real_x, real_y = data.toy_digits("heldout")
-    evaluate.save_titled_grids([("real (held-out)", real_x, real_y)]
+    common.save_titled_grids([("real (held-out)", real_x, real_y)]
                                + [(TITLES[n], *grids[n]) for n in models], os.path.join(args.out_dir, "grids.png"))
     for name, (imgs, labels) in grids.items():
-        evaluate.save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{name}.png"))
+        common.save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{name}.png"))
     # Speed: 200 images per call (MAR at K = 64 predicts ~4 of 256 tokens per step; K = 4 on 16 tokens is the toy's
     # analogue), a warm-up call first, the best of two timed calls. The teacher pays 100 head steps per token and the
     # CFG doubling of its batch; the students pay one head call and no doubling.
@@ -119,9 +139,7 @@ def evaluate_all(args, d, clf):
     for K in (args.num_iter, *[k for k in (8, 16) if k != args.num_iter]):
         sec = {}
         for name, (model, tok, kw) in models.items():
-            evaluate.sample_toy(model, tok, 20, K, **kw)
-            sec[name] = min(evaluate.sample_toy(model, tok, args.timing_images, K, seed=60_000 + r, **kw)[2]
-                            for r in range(2))
+            sec[name] = seconds_per_image(model, tok, K, args.timing_images, **kw)
         speed[K] = {name: sec["teacher"] / s for name, s in sec.items()}
         speed[K]["teacher_sec_per_image"] = sec["teacher"]
         speed[K]["student_sec_per_image"] = sec["student"]
@@ -166,9 +184,10 @@ def write_report(report, seconds, out_dir):
     print(md)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", default="runs/demo")
+def build_parser(description=__doc__, out_dir="runs/demo"):
+    """The demo's flags (experiments.py adds its own to the same parser)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", default=out_dir)
     p.add_argument("--teacher-epochs", type=int, default=95, help="toy epochs of 21 steps (train_mar's own: 190)")
     p.add_argument("--distill-epochs", type=int, default=60, help="60: student FID 1.03x the teacher's; 30: 1.19x")
     p.add_argument("--rl-steps", type=int, default=150)
@@ -181,9 +200,19 @@ def main(argv=None):
                                                             "--teacher-args='--lr 1e-3'")
     p.add_argument("--distill-args", default="", help="extra flags for distill_gsim.py, one string")
     p.add_argument("--rl-args", default="", help="extra flags for rl_refine.py, one string")
+    return p
+
+
+def parse(p, argv):
+    """Parse, splitting the extra-flag strings into argument lists."""
     args = p.parse_args(argv)
     args.teacher_args, args.distill_args, args.rl_args = map(shlex.split, (args.teacher_args, args.distill_args,
                                                                          args.rl_args))
+    return args
+
+
+def main(argv=None):
+    args = parse(build_parser(), argv)
     os.makedirs(args.out_dir, exist_ok=True)
     t0 = time.time()
     d, clf, seconds = run_stages(args)

@@ -314,13 +314,14 @@ def main(argv=None):
 
     # -- data (the toy: the latent space of the teacher, the toy VAE saved inside its checkpoint) ---------------------
     toy_tok = data.toy_tokenizer_of(args.teacher, device) if args.preset == "toy" else None
+    teacher_config = data.toy_config_of(args.teacher) if args.preset == "toy" else None  # the toy size
     dataset, to_latents, steps_per_epoch = data.training_source(args, device, toy_tok)
     total_steps = args.epochs * steps_per_epoch
 
     # -- models: ONE frozen teacher MAR; the student head (and with --train-transformer the student's transformer),
     # its EMA, and the auxiliary head. Head-only keeps no copy of the transformer: the student is saved as the
     # teacher's transformer + the student head, a plain MAR checkpoint.
-    build = (lambda: mar.MAR(**data.TOY_MODEL)) if args.preset == "toy" else \
+    build = (lambda: data.toy_model_of(args.teacher)) if args.preset == "toy" else \
         (lambda: mar.PRESETS[args.model](img_size=args.img_size))
     teacher = mar.load_mar(args.teacher, build(), use_ema=True).to(device).eval().requires_grad_(False)
     student, student_head, ema, aux, trainable, opt_g, opt_a = build_gsim(teacher, args)
@@ -349,7 +350,7 @@ def main(argv=None):
 
     def save():
         if common.is_main():
-            extra = {"toy_vae": toy_tok.vae.state_dict()} if toy_tok else {}  # passed on to RL and sampling
+            extra = data.toy_entries(toy_tok, teacher_config) if toy_tok else {}  # passed on to RL and sampling
             common.save_checkpoint(ckpt_path, {"model": full_state(student or student_head),
                                                "model_ema": full_state(ema), "aux": aux.state_dict(),
                                                "optimizer": opt_g.state_dict(), "optimizer_aux": opt_a.state_dict(),
@@ -419,12 +420,12 @@ def student_metrics(student, tokenizer, evaluator, args):
 def compare_on_toy(teacher, student, tokenizer, evaluator, args):
     """Same labels, K and image count; the teacher at its distillation CFG with 100 head steps, the student one
     step at cfg 1; both decoded by the toy VAE."""
-    from evaluate import sample_toy, save_class_grid
+    from evaluate import sample_toy
     out = {}
     for who, model, kw in (("teacher", teacher, dict(cfg=args.teacher_cfg)), ("student", student, dict(one_step=True))):
         sample_toy(model, tokenizer, 20, args.eval_num_iter, **kw)  # warm-up (first-call overheads out of the timing)
         imgs, labels, sec = sample_toy(model, tokenizer, args.eval_images, args.eval_num_iter, seed=20_000, **kw)
-        save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{who}.png"))
+        common.save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{who}.png"))
         out[who] = dict(evaluator(imgs, labels), sec_per_image=sec)
     out["speedup"] = out["teacher"]["sec_per_image"] / out["student"]["sec_per_image"]
     out["real_split_fid"] = evaluator.real_split_fid()

@@ -310,13 +310,18 @@ def load_inception(path):
 # trained to classify them gives one. It is trained only on the training split, so the held-out digits it serves as
 # reference statistics for were never seen. Its logits double as the toy IS and as the RL reward (log p(digit)).
 class ToyClassifier(nn.Module):
-    """Small CNN on (B, 1, 16, 16) digits in [-1, 1]: `features` (B, 128) for FID, `forward` logits (B, 10)."""
+    """Small CNN on (B, 1, 16, 16) digits in [-1, 1]: `features` (B, 128) for FID, `forward` logits (B, 10).
+    kind "mlp": a pixel MLP instead, the independent evaluator of experiments.py (another architecture and seed
+    than the reward's classifier, so reward hacking of the CNN does not carry over for free)."""
 
-    def __init__(self):
+    def __init__(self, kind="cnn"):
         super().__init__()
+        self.kind = kind
         self.body = nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),  # 8x8
-            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())     # 128
+            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()      # 128
+        ) if kind == "cnn" else nn.Sequential(nn.Flatten(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 128),
+                                              nn.GELU())                                                    # 128
         self.head = nn.Linear(128, 10)
 
     def features(self, x):
@@ -327,13 +332,13 @@ class ToyClassifier(nn.Module):
 
 
 @torch.enable_grad()  # callers may be inside no_grad (evaluation code)
-def train_toy_classifier(steps=1500, seed=0, verbose=True):
+def train_toy_classifier(steps=1500, seed=0, verbose=True, kind="cnn"):
     """Train on the training split with random +-1 pixel shifts; report held-out accuracy (98.0% with seed 0)."""
     from data import toy_digits
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x, y = toy_digits("train")
-    model = ToyClassifier()
+    model = ToyClassifier(kind)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     for step in range(steps):
@@ -354,28 +359,37 @@ def train_toy_classifier(steps=1500, seed=0, verbose=True):
     return model, acc
 
 
-def load_toy_classifier(path="runs/toy_classifier.pt"):
-    """The cached toy classifier, trained and saved (atomically) on first use."""
-    model = ToyClassifier()
+def load_toy_classifier(path="runs/toy_classifier.pt", kind="cnn", seed=0):
+    """The cached toy classifier, trained and saved (atomically) on first use (`kind`, `seed`: what to train then;
+    a saved file says its own kind)."""
     if os.path.exists(path):
-        mar.load_state_dict_strict(model, mar.read_checkpoint(path)["model"], f"toy classifier {path!r}")
+        ck = mar.read_checkpoint(path)
+        model = ToyClassifier(ck.get("kind", "cnn"))
+        mar.load_state_dict_strict(model, ck["model"], f"toy classifier {path!r}")
         return model.eval()
-    model, acc = train_toy_classifier()
-    common.save_checkpoint(path, {"model": model.state_dict(), "heldout_accuracy": acc})
+    model, acc = train_toy_classifier(seed=seed, kind=kind)
+    common.save_checkpoint(path, {"model": model.state_dict(), "heldout_accuracy": acc, "kind": kind})
     return model
 
 
 class ToyEvaluator:
     """Toy FID / IS / accuracy of generated digits (N, 1, 16, 16) in [-1, 1] against the held-out split."""
 
-    def __init__(self, classifier_path="runs/toy_classifier.pt"):
+    def __init__(self, classifier_path="runs/toy_classifier.pt", kind="cnn", seed=0):
         from data import toy_digits
-        self.net = load_toy_classifier(classifier_path)
-        self.ref_mu, self.ref_sigma = feature_stats(self._features(toy_digits("heldout")[0]))
-        self.train_stats = feature_stats(self._features(toy_digits("train")[0]))
+        self.net = load_toy_classifier(classifier_path, kind, seed)
+        self.ref_feats = self.features(toy_digits("heldout")[0])                     # (397, 128)
+        self.ref_mu, self.ref_sigma = feature_stats(self.ref_feats)
+        x, y = toy_digits("train")
+        train = self.features(x)                                                     # (1400, 128)
+        self.train_stats = feature_stats(train)
+        # class prototypes: the unit-normalised mean training feature of each digit (the CLIP-score analogue)
+        self.prototypes = F.normalize(torch.stack([torch.from_numpy(train[y.numpy() == c]).mean(0)
+                                                   for c in range(10)]), dim=1)       # (10, 128)
 
     @torch.no_grad()
-    def _features(self, x):
+    def features(self, x):
+        """Classifier features (N, 128) as numpy: the toy's Inception pool features (FID, precision/recall)."""
         return torch.cat([self.net.features(b.float().cpu()) for b in x.split(500)]).numpy()
 
     def real_split_fid(self):
@@ -385,12 +399,19 @@ class ToyEvaluator:
     @torch.no_grad()
     def __call__(self, images, labels):
         images = images.float().cpu().clamp(-1, 1)
-        feats = self._features(images)
+        feats = self.features(images)
         logits = self.net.head(torch.from_numpy(feats))
         return {"toy_fid": frechet_distance(*feature_stats(feats), self.ref_mu, self.ref_sigma),
                 "toy_is": inception_score(logits, splits=10)[0],
                 "accuracy": (logits.argmax(1) == labels.cpu()).float().mean().item(),
                 "out_of_range": (images.abs() >= 0.999).float().mean().item()}  # saturated pixels
+
+    @torch.no_grad()
+    def similarity(self, images, labels):
+        """Cosine similarity of each image's features to its class's prototype (B,): a second, softer reward, the
+        toy's CLIP score (image-prompt similarity) beside log p, its PickScore."""
+        feats = torch.from_numpy(self.features(images.clamp(-1, 1)))
+        return (F.normalize(feats, dim=1) * self.prototypes[labels.cpu()]).sum(1)
 
     def log_prob(self, images, labels):
         """Differentiable reward: log p(requested digit | image) under the classifier (B,). The decoded image is
@@ -418,33 +439,6 @@ def sample_toy(model, tokenizer, n, num_iter=4, cfg=1.0, one_step=False, seed=0,
     sec = (time.time() - t0) / n
     model.train(was_training)
     return images, labels, sec
-
-
-def class_grid(images, labels, per_class=10, zoom=3):
-    """PIL grid, one row per class (the first `per_class` images of each), enlarged `zoom` times."""
-    from data import make_grid
-    rows = torch.cat([images[labels == k][:per_class] for k in range(int(labels.max()) + 1)])
-    im = make_grid(rows, per_class)
-    return im.resize((im.width * zoom, im.height * zoom), resample=0)
-
-
-def save_class_grid(images, labels, path, per_class=10, zoom=3):
-    class_grid(images, labels, per_class, zoom).save(path)
-
-
-def save_titled_grids(panels, path, per_class=8, zoom=3):
-    """One figure of class grids side by side, each under its title: panels = [(title, images, labels), ...]."""
-    from PIL import Image, ImageDraw
-    ims = [class_grid(x, y, per_class, zoom).convert("RGB") for _, x, y in panels]
-    gap, top = 12, 22
-    width = sum(im.width for im in ims) + gap * (len(ims) + 1)
-    fig = Image.new("RGB", (width, max(im.height for im in ims) + top + gap), "white")
-    draw, x = ImageDraw.Draw(fig), gap
-    for (title, _, _), im in zip(panels, ims):
-        draw.text((x, 6), title, fill="black")
-        fig.paste(im, (x, top))
-        x += im.width + gap
-    fig.save(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ besides checkpoint-last.pth.
 
 Reads --student (a MAR-format checkpoint, from distill_gsim.py). Writes to --out-dir checkpoint-last.pth and
 checkpoint-best.pth (official MAR format: model + model_ema), log.jsonl (mean train reward, held-out reward, accuracy,
-toy FID), and on the toy reward_vs_fid.png (the trade-off over training) and eval.json.
+toy FID; with --watch-classifier an independent evaluator's accuracy and class similarity), and on the toy
+reward_vs_fid.png (the trade-off over training, and the independent accuracy beside it) and eval.json.
 
     # toy, CPU, a few minutes (after distill_gsim.py --preset toy)
     python rl_refine.py --preset toy --student runs/toy_student/checkpoint-last.pth --out-dir runs/toy_rl
@@ -59,7 +60,6 @@ import json
 import os
 
 import torch
-from PIL import Image, ImageDraw
 
 import data
 import evaluate
@@ -138,9 +138,10 @@ def rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, trainabl
 
 
 @torch.no_grad()
-def held_out(model, reference, tokenizer, reward_fn, evaluator, args, device, n_classes):
+def held_out(model, reference, tokenizer, reward_fn, evaluator, args, device, n_classes, watcher=None):
     """Fixed labels and seeds: mean reward, the DRaFT+ distance to the frozen start (`drift`: the penalty term on
-    the held-out generations), and on the toy accuracy and toy FID of the same images."""
+    the held-out generations), and on the toy accuracy and toy FID of the same images; with a `watcher` (an
+    evaluator the reward never uses) its accuracy and class similarity too, the check for reward hacking."""
     labels = heldout_labels(args.eval_images, n_classes).to(device)
     imgs, drift = [], []
     for i, lb in enumerate(labels.split(100)):
@@ -154,30 +155,26 @@ def held_out(model, reference, tokenizer, reward_fn, evaluator, args, device, n_
     if evaluator is not None:
         m = evaluator(imgs, labels)
         out.update(heldout_accuracy=m["accuracy"], toy_fid=m["toy_fid"])
+    if watcher is not None:
+        out.update(independent_accuracy=watcher(imgs, labels)["accuracy"],
+                   independent_similarity=watcher.similarity(imgs, labels).mean().item())
     return out, imgs, labels
 
 
 def plot_tradeoff(history, path):
-    """Held-out reward against toy FID over training, as a PNG drawn with PIL (no plotting dependency)."""
-    pts = [(h["toy_fid"], h["heldout_reward"], h["step"]) for h in history if "toy_fid" in h]
+    """Held-out reward against toy FID over training (points labelled by step) and, with --watch-classifier, the
+    independent evaluator's accuracy against step beside it: does the reward gain hold for a judge never optimised?"""
+    pts = [h for h in history if "toy_fid" in h]
     if len(pts) < 2:
         return
-    W, H, pad = 640, 480, 60
-    fx, fy = [p[0] for p in pts], [p[1] for p in pts]
-    x0, x1, y0, y1 = min(fx), max(fx), min(fy), max(fy)
-    sx = lambda v: pad + (v - x0) / max(x1 - x0, 1e-9) * (W - 2 * pad)
-    sy = lambda v: H - pad - (v - y0) / max(y1 - y0, 1e-9) * (H - 2 * pad)
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    d.line([(pad, H - pad), (W - pad, H - pad)], fill="black")
-    d.line([(pad, pad), (pad, H - pad)], fill="black")
-    d.line([(sx(a), sy(b)) for a, b, _ in pts], fill="steelblue", width=2)
-    for a, b, s in pts:
-        d.ellipse([sx(a) - 3, sy(b) - 3, sx(a) + 3, sy(b) + 3], fill="steelblue")
-        d.text((sx(a) + 5, sy(b) - 12), str(s), fill="gray")
-    d.text((W // 2 - 40, H - pad + 25), f"toy FID ({x0:.1f} .. {x1:.1f})", fill="black")
-    d.text((5, 10), f"held-out reward ({y0:.3f} .. {y1:.3f}); labels: step", fill="black")
-    im.save(path)
+    panels = [dict(title="RL: held-out reward vs toy FID", xlabel="toy FID", ylabel="held-out reward",
+                   series=[("policy (EMA)", [(h["toy_fid"], h["heldout_reward"], h["step"]) for h in pts])])]
+    if "independent_accuracy" in pts[0]:
+        panels.append(dict(title="accuracy over training", xlabel="step", ylabel="accuracy",
+                           series=[("reward's classifier", [(h["step"], h["heldout_accuracy"], None) for h in pts]),
+                                   ("independent (never optimised)",
+                                    [(h["step"], h["independent_accuracy"], None) for h in pts])]))
+    common.plot_panels(panels, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,6 +210,8 @@ def get_args(argv=None):
     g.add_argument("--clip-model", default="ViT-H-14", help="open_clip architecture (--reward clip)")
     g.add_argument("--clip-weights", default=None, help="local open_clip weights file (--reward clip)")
     g.add_argument("--classifier", default="runs/toy_classifier.pt", help="toy reward / evaluator")
+    g.add_argument("--watch-classifier", default=None, help="toy: an independent evaluator (pixel MLP, trained on "
+                   "first use) whose accuracy and class similarity are logged but never optimised")
     g = p.add_argument_group("generation and optimisation (paper defaults, MARVAL Table 2)")
     g.add_argument("--num-iter", type=int, default=64, help="AR iterations K of the differentiated generation")
     g.add_argument("--truncate-k", type=int, default=None, help="back-propagate through the last k AR steps only")
@@ -263,7 +262,8 @@ def main(argv=None):
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     # -- models: policy (trained), frozen reference (the start), EMA -------------------------------------------------
-    build = (lambda: mar.MAR(**data.TOY_MODEL)) if toy else (lambda: mar.PRESETS[args.model](img_size=args.img_size))
+    build = (lambda: data.toy_model_of(args.student)) if toy else \
+        (lambda: mar.PRESETS[args.model](img_size=args.img_size))
     policy = mar.load_mar(args.student, build(), use_ema=True, verbose=common.is_main()).to(device).eval()
     reference = copy.deepcopy(policy).requires_grad_(False)
     policy.requires_grad_(not args.head_only)
@@ -278,6 +278,9 @@ def main(argv=None):
         import vae as vae_lib
         tokenizer = data.Tokenizer(vae_lib.load_vae(args.vae).to(device).requires_grad_(False))
     reward_fn, evaluator = build_reward(args, device)
+    # the independent judge: a pixel MLP (another architecture and seed), created on first use, never differentiated
+    watcher = evaluate.ToyEvaluator(args.watch_classifier, kind="mlp", seed=1) if toy and args.watch_classifier \
+        else None
     n_classes = policy.class_num
     total = args.max_steps or run_length(args)
     step, history, best = 0, [], None
@@ -292,14 +295,15 @@ def main(argv=None):
 
     def save(path):
         if common.is_main():
-            extra = {"toy_vae": tokenizer.vae.state_dict()} if toy else {}
+            extra = data.toy_entries(tokenizer, data.toy_config_of(args.student)) if toy else {}
             common.save_checkpoint(path, {"model": policy.state_dict(), "model_ema": ema.state_dict(),
                                           "optimizer": opt.state_dict(), "step": step, "args": vars(args),
                                           "history": history, "best": best, **extra})
 
     def evaluate_now():
         nonlocal best
-        rec, imgs, labels = held_out(ema, reference, tokenizer, reward_fn, evaluator, args, device, n_classes)
+        rec, imgs, labels = held_out(ema, reference, tokenizer, reward_fn, evaluator, args, device, n_classes,
+                                     watcher)
         rec["step"] = step
         history.append(rec)
         start_fid = history[0].get("toy_fid")
@@ -308,7 +312,7 @@ def main(argv=None):
             best = dict(rec)
             save(os.path.join(args.out_dir, "checkpoint-best.pth"))
             if toy and common.is_main():
-                evaluate.save_class_grid(imgs, labels, os.path.join(args.out_dir, "grid_best.png"))
+                common.save_class_grid(imgs, labels, os.path.join(args.out_dir, "grid_best.png"))
         return rec
 
     # -- loop ------------------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def main(argv=None):
     os.makedirs(img_dir, exist_ok=True)
 
     # -- model and tokenizer ---------------------------------------------------------------------------------------
-    model = mar.MAR(**data.TOY_MODEL) if args.preset == "toy" else mar.PRESETS[args.model](img_size=args.img_size)
+    model = data.toy_model_of(args.ckpt) if args.preset == "toy" else mar.PRESETS[args.model](img_size=args.img_size)
     mar.load_mar(args.ckpt, model, use_ema=not args.no_ema, verbose=common.is_main())
     model = model.to(device).eval()
     if args.preset == "toy":  # the toy VAE the checkpoint was trained with, saved inside it

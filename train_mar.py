@@ -47,12 +47,22 @@ import vae
 
 def build_model(args):
     """The MAR to train: the toy configuration or a named preset, with command-line overrides."""
-    over = {k: v for k, v in dict(diffloss_d=args.diffloss_d, diffloss_w=args.diffloss_w,
-                                  mask_ratio_min=args.mask_ratio_min, diffusion_batch_mul=args.diffusion_batch_mul,
-                                  grad_checkpointing=args.grad_checkpointing or None).items() if v is not None}
+    ckpt = {"grad_checkpointing": True} if args.grad_checkpointing else {}
     if args.preset == "toy":
-        return mar.MAR(**{**data.TOY_MODEL, **over})
-    return mar.PRESETS[args.model](img_size=args.img_size, **over)
+        return mar.MAR(**toy_model_config(args), **ckpt)
+    return mar.PRESETS[args.model](img_size=args.img_size, **head_overrides(args), **ckpt)
+
+
+def toy_model_config(args):
+    """The toy MAR's keyword arguments: the named --toy-size with the head / masking flags on top."""
+    return {**data.toy_config(args.toy_size), **head_overrides(args)}
+
+
+def head_overrides(args):
+    """The head and masking flags that were given (None: the model's default)."""
+    return {k: v for k, v in dict(diffloss_d=args.diffloss_d, diffloss_w=args.diffloss_w,
+                                  mask_ratio_min=args.mask_ratio_min,
+                                  diffusion_batch_mul=args.diffusion_batch_mul).items() if v is not None}
 
 
 def lr_at(step, total, warmup, base, schedule, min_lr):
@@ -117,6 +127,8 @@ def get_args(argv=None):
     g.add_argument("--eval-cfg", type=float, default=1.0, help="toy: CFG scale for the final samples")
     g.add_argument("--classifier", default="runs/toy_classifier.pt", help="toy evaluator cache")
     g.add_argument("--toy-vae", default="runs/toy_vae.pt", help="toy tokenizer cache (trained on first use, ~40 s)")
+    g.add_argument("--toy-size", choices=list(data.TOY_SIZES), default="base",
+                   help="toy width/depth (data.TOY_SIZES; the MAR-B/L/H analogue)")
     args = p.parse_args(argv)
     if args.preset == "toy":  # toy defaults, but flags given explicitly still win
         p.set_defaults(**TOY_DEFAULTS)
@@ -181,7 +193,8 @@ def main(argv=None):
 
     def save():
         if common.is_main():
-            extra = {"toy_vae": toy_tok.vae.state_dict()} if toy_tok else {}  # a toy checkpoint carries its VAE
+            # a toy checkpoint carries its VAE and its configuration (data.toy_entries)
+            extra = data.toy_entries(toy_tok, toy_model_config(args)) if toy_tok else {}
             common.save_checkpoint(ckpt_path, {"model": model.state_dict(), "model_ema": ema.state_dict(),
                                                "optimizer": opt.state_dict(), "step": step, "args": vars(args),
                                                **extra})
@@ -250,10 +263,10 @@ def toy_tokenizer_for_run(args, ckpt_path, device):
 
 def evaluate_toy_teacher(model, tokenizer, args):
     """Sample the toy teacher (100 head steps per token) and score it with the toy classifier; grid.png."""
-    from evaluate import ToyEvaluator, sample_toy, save_class_grid
+    from evaluate import ToyEvaluator, sample_toy
     ev = ToyEvaluator(args.classifier)
     imgs, labels, sec = sample_toy(model, tokenizer, args.eval_images, args.eval_num_iter, args.eval_cfg)
-    save_class_grid(imgs, labels, os.path.join(args.out_dir, "grid.png"))
+    common.save_class_grid(imgs, labels, os.path.join(args.out_dir, "grid.png"))
     return dict(ev(imgs, labels), real_split_fid=ev.real_split_fid(), sec_per_image=sec,
                 num_images=len(imgs), num_iter=args.eval_num_iter, cfg=args.eval_cfg, diffusion_steps=100)
 

@@ -283,6 +283,8 @@ def shapes(rep):
     noise = max([FID_NOISE] + [(max(v) - min(v)) / 2 for v in (h["teacher_fid"], h["student_fid"])])
     out = {"fid_noise": noise}
     # each check below is the expected shape, with FID differences inside the noise not counted
+    t, s = np.mean(h["teacher_fid"]), np.mean(h["student_fid"])
+    out["student_near_teacher"] = bool(s <= max(1.18 * t, t + noise))  # MARVAL-B's ratio, or within the noise
     if len(cfg) > 1:
         best = min(r["fid"] for r in cfg)
         out["cfg_is_rises_with_w"] = cfg[-1]["is"] > cfg[0]["is"] and \
@@ -324,7 +326,9 @@ def write_report(rep, out_dir):
           f"| student | {fids(h['student_fid'])} | {h['student_is']:.2f} | {100 * h['student_accuracy']:.1f}% | "
           f"{h['student_sec_per_image']:.4f} |", "",
           f"Student / teacher FID {np.mean(h['student_fid']) / np.mean(h['teacher_fid']):.2f}x, speed-up "
-          f"{h['speedup']:.1f}x.", "", "![real, teacher and student digits](grids.png)", "",
+          f"{h['speedup']:.1f}x. Same shape as the paper (the student within MARVAL-B's 1.18x of its teacher or "
+          f"within the noise)? {yes(sh['student_near_teacher'])}.", "", "![real, teacher and student digits](grids.png)",
+          "",
           "## CFG sweep", "",
           f"Paper: MARVAL-B w = 1 / 1.2 / 2 / 4 -> FID 3.75 / 3.06 / 7.98 / 13.84, IS rising with w. Here: a student "
           f"distilled at each teacher CFG w for {s['sweep_distill_epochs']} epochs (the default student: "

@@ -64,6 +64,29 @@ def test_experiments_driver_on_a_tiny_configuration(tmp_path, capsys, toy_vae_fi
         experiments.main(argv[:-1] + ["1"] + ["--eval-images", "20"])  # per-class recall needs >= 40 digits
 
 
+def test_shapes_are_read_against_the_noise():
+    """Each shape verdict flips when the numbers do, and differences inside the seed-set noise are not read as a
+    shape: a student 1.3x its teacher fails the headline shape, one 1.3 FID worse with a noise of 1.5 passes it."""
+    def report(teacher, student, cfg_fids, cfg_is, recall, reward_after):
+        return {"headline": {"teacher_fid": teacher, "student_fid": student},
+                "cfg_sweep": [{"cfg": w, "fid": f, "is": i} for w, f, i in zip((1.0, 1.5, 3.0), cfg_fids, cfg_is)],
+                "num_iter_sweep": [{"speedup": 20.0}, {"speedup": 10.0}],
+                "rl": {"reward_before": 0.0, "reward_after": reward_after, "independent_accuracy_before": 0.9,
+                       "independent_accuracy_after": 0.9},
+                "diversity": {"teacher_recall": 0.8, "student_recall": recall},
+                "model_size": [{"params": 1, "teacher_fid": 20.0, "student_fid": 20.0},
+                               {"params": 2, "teacher_fid": 10.0, "student_fid": 20.5}]}
+    good = experiments.shapes(report([10, 10, 10], [11.5, 11.5, 11.5], [9, 8, 15], [5, 6, 7], 0.75, 0.1))
+    assert all(v for k, v in good.items() if k not in ("fid_noise", "larger_model_lower_student_fid"))
+    assert not good["larger_model_lower_student_fid"]  # 20.5 vs 20.0: no size effect inside the noise
+    assert all(isinstance(v, bool) for k, v in good.items() if k != "fid_noise")  # JSON-serialisable
+    bad = experiments.shapes(report([10, 10, 10], [13, 13, 13], [15, 9, 8], [7, 6, 5], 0.7, -0.1))
+    assert not any(bad[k] for k in ("student_near_teacher", "cfg_is_rises_with_w", "cfg_fid_min_at_small_w",
+                                    "student_recall_at_least_0.9x_teacher", "rl_raises_reward"))
+    noisy = experiments.shapes(report([5.5, 7, 8.5], [6.8, 8.3, 9.8], [9, 8, 15], [5, 6, 7], 0.75, 0.1))
+    assert noisy["fid_noise"] == pytest.approx(1.5) and noisy["student_near_teacher"]  # 1.19x, but 1.3 < the noise
+
+
 def test_precision_recall_sees_copies_and_collapse():
     """The diversity numbers are right at the two ends: a copy of the reference has precision, recall and every
     class's recall 1; a collapsed generator (one image for every label) has recall near 0."""

@@ -16,7 +16,8 @@ an interrupted one resumes):
      CFG, the students one step at cfg 1); grids.png: real, teacher, student and RL digits side by side.
 
 The table is written as markdown and JSON: {"teacher": {...}, "student": {...}, "student_rl": {...},
-"real_split_fid": FID between the two real splits (the floor), "speedup_by_k": {...}, "seconds": {...}}; each
+"real_split_fid": FID of all training digits against the held-out ones, "real_floor_fid": the same for 400 of them
+(the floor at the generated sets' size), "speedup_by_k": {...}, "seconds": {...}}; each
 model's toy_fid / accuracy / reward are means over the seed sets, toy_fid_by_seed / accuracy_by_seed the values.
 """
 import argparse
@@ -148,6 +149,7 @@ def evaluate_all(args, d, clf):
                 report[name]["sec_per_image"] = sec[name]
                 report[name]["speedup"] = sec["teacher"] / sec[name]
     report["real_split_fid"] = ev.real_split_fid()
+    report["real_floor_fid"] = ev.real_floor(args.eval_images)  # the floor at the generated sets' size
     report["speedup_by_k"] = {str(k): v["student"] for k, v in speed.items()}
     report["timing_by_k"] = {str(k): v for k, v in speed.items()}
     report["settings"] = {"num_iter": args.num_iter, "eval_images": args.eval_images, "teacher_cfg": args.teacher_cfg,
@@ -173,7 +175,10 @@ def write_report(report, seconds, out_dir):
                     f"identical seeds, {len(EVAL_SEEDS)} seed sets); teacher: {s['teacher_diffusion_steps']} head "
                     f"steps, cfg {s['teacher_cfg']}; students: 1 head step, cfg 1; {s['threads']} threads.", "",
                     *rows, "",
-                    f"FID between the two real splits (the floor): {report['real_split_fid']:.2f}. "
+                    f"The floor: {s['eval_images']} real training digits score {report['real_floor_fid']:.2f} "
+                    f"(mean of 10 class-balanced draws; all 1,400 score {report['real_split_fid']:.2f}); teacher "
+                    f"{report['teacher']['toy_fid'] / report['real_floor_fid']:.2f}x, student "
+                    f"{report['student']['toy_fid'] / report['real_floor_fid']:.2f}x the floor. "
                     f"Student / teacher toy FID: {report['student']['toy_fid'] / report['teacher']['toy_fid']:.2f}x.",
                     "", "![real, teacher, student and RL digits](grids.png)", "",
                     "Student speed-up by K: "
@@ -188,12 +193,12 @@ def build_parser(description=__doc__, out_dir="runs/demo"):
     """The demo's flags (experiments.py adds its own to the same parser)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=out_dir)
-    p.add_argument("--teacher-epochs", type=int, default=95, help="toy epochs of 21 steps (train_mar's own: 190)")
-    p.add_argument("--distill-epochs", type=int, default=60, help="60: student FID 1.03x the teacher's; 30: 1.19x")
+    p.add_argument("--teacher-epochs", type=int, default=150, help="toy epochs of 21 steps (train_mar's own: 380)")
+    p.add_argument("--distill-epochs", type=int, default=30, help="distill_gsim.py's toy default")
     p.add_argument("--rl-steps", type=int, default=150)
     p.add_argument("--teacher-cfg", type=float, default=1.2, help="the guided teacher GSIM distills (MAR convention)")
     p.add_argument("--num-iter", type=int, default=4, help="AR iterations K for evaluation")
-    p.add_argument("--eval-images", type=int, default=400)
+    p.add_argument("--eval-images", type=int, default=400, help="digits per seed set (a multiple of 10)")
     p.add_argument("--rl-eval-images", type=int, default=400)
     p.add_argument("--timing-images", type=int, default=200, help="images per timed sampling call")
     p.add_argument("--teacher-args", default="", help="extra flags for train_mar.py, one string: "
@@ -206,6 +211,9 @@ def build_parser(description=__doc__, out_dir="runs/demo"):
 def parse(p, argv):
     """Parse, splitting the extra-flag strings into argument lists."""
     args = p.parse_args(argv)
+    if args.eval_images <= 0 or args.eval_images % 10:
+        p.error(f"--eval-images {args.eval_images}: give a positive multiple of 10 (the labels cycle over the ten "
+                "digits, and the floor is measured on as many class-balanced real digits)")
     args.teacher_args, args.distill_args, args.rl_args = map(shlex.split, (args.teacher_args, args.distill_args,
                                                                          args.rl_args))
     return args

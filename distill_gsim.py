@@ -232,10 +232,11 @@ def head_of(mar_state):
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
-# Toy: 60 epochs = 1,260 steps (5 min on 2 cores). Measured on the demo's latent teacher at K = 4, three seed sets
-# (README): the student's FID is 1.19x the teacher's at 30 epochs and 1.03x at 60.
-TOY_DEFAULTS = dict(out_dir="runs/toy_student", global_batch_size=64, lr_g=1e-4, lr_aux=1e-4, ema_rate=0.99,
-                    grad_clip=1.0, epochs=60, log_every=25, save_every=250, eval_every=250)
+# Toy: 30 epochs = 630 steps (2.4 min on 2 cores) at lr 2e-4 for the student and the aux head. Measured on the
+# demo's 150-epoch teacher at K = 4, three seed sets (README): student FID 0.96x the teacher's at lr 2e-4; at 1e-4
+# the same 30 epochs leave it behind (the schedule, not the target, was the gap).
+TOY_DEFAULTS = dict(out_dir="runs/toy_student", global_batch_size=64, lr_g=2e-4, lr_aux=2e-4, ema_rate=0.99,
+                    grad_clip=1.0, epochs=30, log_every=25, save_every=250, eval_every=250)
 
 
 def get_args(argv=None):

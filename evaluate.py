@@ -383,6 +383,7 @@ class ToyEvaluator:
         x, y = toy_digits("train")
         train = self.features(x)                                                     # (1400, 128)
         self.train_stats = feature_stats(train)
+        self.train_feats, self.train_by_class = train, [torch.nonzero(y == c)[:, 0] for c in range(10)]
         # class prototypes: the unit-normalised mean training feature of each digit (the CLIP-score analogue)
         self.prototypes = F.normalize(torch.stack([torch.from_numpy(train[y.numpy() == c]).mean(0)
                                                    for c in range(10)]), dim=1)       # (10, 128)
@@ -393,8 +394,26 @@ class ToyEvaluator:
         return torch.cat([self.net.features(b.float().cpu()) for b in x.split(500)]).numpy()
 
     def real_split_fid(self):
-        """FID between the training and held-out real digits: the floor a generator can hope for."""
+        """FID between all 1,400 training digits and the held-out split (3.31 with the default classifier)."""
         return frechet_distance(*self.train_stats, self.ref_mu, self.ref_sigma)
+
+    def real_floor(self, n, draws=10, seed=0):
+        """The floor at the measurements' own size: mean FID of n class-balanced real training digits (n / 10 per
+        class, as the generated sets' labels cycle 0..9) against the held-out split, over `draws` random subsets.
+
+        FID is biased upwards by the sample covariance's noise, more for fewer samples: 400 real digits score 4.8,
+        all 1,400 score 3.31. A generator's 400-digit FID is compared with the 400-digit floor, which is what a
+        generator that drew perfect digits from the training distribution would score."""
+        if n % 10:
+            raise ValueError(f"real_floor needs a multiple of 10 digits (class-balanced), got {n}")
+        if n // 10 > min(len(c) for c in self.train_by_class):
+            raise ValueError(f"real_floor: {n} digits need {n // 10} per class, more than the training split has")
+        g = torch.Generator().manual_seed(seed)
+        fids = []
+        for _ in range(draws):
+            idx = torch.cat([c_idx[torch.randperm(len(c_idx), generator=g)[: n // 10]] for c_idx in self.train_by_class])
+            fids.append(frechet_distance(*feature_stats(self.train_feats[idx.numpy()]), self.ref_mu, self.ref_sigma))
+        return float(np.mean(fids))
 
     @torch.no_grad()
     def __call__(self, images, labels):

@@ -24,7 +24,7 @@ def test_demo_pipeline_runs_and_reuses_finished_stages(tmp_path, capsys, toy_vae
         assert report[name]["toy_fid"] == pytest.approx(sum(report[name]["toy_fid_by_seed"]) / 3)
     with Image.open(tmp_path / "grids.png") as im:  # real, teacher, student, RL side by side: 4 panels of 8 columns
         assert im.width > 4 * 8 * 17 * 3 and im.height > 10 * 17 * 3
-    assert report["teacher"]["speedup"] == 1.0 and report["real_split_fid"] > 0
+    assert report["teacher"]["speedup"] == 1.0 and 0 < report["real_split_fid"] < report["real_floor_fid"]
     assert set(report["speedup_by_k"]) == {"4", "8", "16"}
     assert json.load(open(tmp_path / "report.json"))["student"]["toy_fid"] == report["student"]["toy_fid"]
     assert "| student_rl |" in open(tmp_path / "report.md").read()
@@ -32,6 +32,12 @@ def test_demo_pipeline_runs_and_reuses_finished_stages(tmp_path, capsys, toy_vae
     demo.main(argv)  # a second run trains nothing
     out = capsys.readouterr().out
     assert out.count("reusing") == 3
+
+
+def test_demo_refuses_eval_sizes_that_are_not_class_balanced(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # refused before any training, with the reason
+        demo.main(["--out-dir", str(tmp_path), "--eval-images", "25"])
+    assert "multiple of 10" in capsys.readouterr().err and not os.listdir(tmp_path)
 
 
 def test_bench_reports_the_documented_keys(tmp_path):

@@ -64,3 +64,23 @@ def test_toy_evaluator_on_real_and_broken_digits(toy_eval):
     xg = x[:8].clone().requires_grad_(True)
     toy_eval.log_prob(xg, y[:8]).sum().backward()
     assert xg.grad.abs().sum() > 0
+
+
+def test_real_floor_is_measured_at_the_generated_sets_size(toy_eval):
+    """The floor a 400-digit FID is read against: 400 class-balanced training digits, not all 1,400. FID's bias
+    grows as the sample shrinks, so the smaller sets score higher, and the same draw reproduces exactly."""
+    full = toy_eval.real_split_fid()
+    f400, f100 = toy_eval.real_floor(400), toy_eval.real_floor(100)
+    assert full < f400 < f100
+    assert toy_eval.real_floor(400) == f400 and toy_eval.real_floor(400, seed=1) != f400
+    # one draw by hand: 40 training digits of each class against the held-out statistics
+    x, y = data.toy_digits("train")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.cat([torch.nonzero(y == c)[:, 0][torch.randperm(int((y == c).sum()), generator=g)[:40]]
+                     for c in range(10)])
+    by_hand = toy_eval(x[idx], y[idx])["toy_fid"]
+    assert toy_eval.real_floor(400, draws=1) == pytest.approx(by_hand, rel=1e-4)
+    with pytest.raises(ValueError, match="multiple of 10"):
+        toy_eval.real_floor(405)
+    with pytest.raises(ValueError, match="per class"):
+        toy_eval.real_floor(10_000)

@@ -1,4 +1,4 @@
-"""The whole MARVAL pipeline on the bundled toy digits, on a CPU, in about a quarter of an hour (2 cores).
+"""The whole MARVAL pipeline on the bundled toy digits, on a CPU, in about 12 minutes (2 cores).
 
     python demo.py                       # -> runs/demo/report.md, report.json, grid_*.png
 

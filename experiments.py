@@ -3,7 +3,7 @@
     python experiments.py                         # -> runs/experiments/report.md, report.json, fig_*.png
     python experiments.py --out-dir runs/exp --cfgs 1.0,2.0 --num-iters 1,4,16 --sizes small,base
 
-~30 minutes from nothing on 2 cores. Like demo.py (whose flags it shares) it runs the real stage scripts in-process
+~26 minutes from nothing on 2 cores. Like demo.py (whose flags it shares) it runs the real stage scripts in-process
 and reuses whatever is finished in --out-dir: the stage checkpoints, and each section's numbers (sections/*.json,
 recomputed when the section's settings change). It first runs the demo's pipeline (toy VAE, teacher, default
 student, RL), then:

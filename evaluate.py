@@ -383,10 +383,11 @@ class ToyEvaluator:
         x, y = toy_digits("train")
         train = self.features(x)                                                     # (1400, 128)
         self.train_stats = feature_stats(train)
-        self.train_feats, self.train_by_class = train, [torch.nonzero(y == c)[:, 0] for c in range(10)]
+        self.train_feats = train
+        self.train_by_class = [torch.nonzero(y == c)[:, 0] for c in range(10)]       # 10 index tensors, one per digit
         # class prototypes: the unit-normalised mean training feature of each digit (the CLIP-score analogue)
-        self.prototypes = F.normalize(torch.stack([torch.from_numpy(train[y.numpy() == c]).mean(0)
-                                                   for c in range(10)]), dim=1)       # (10, 128)
+        self.prototypes = F.normalize(torch.stack([torch.from_numpy(train[idx.numpy()]).mean(0)
+                                                   for idx in self.train_by_class]), dim=1)  # (10, 128)
 
     @torch.no_grad()
     def features(self, x):

@@ -207,13 +207,18 @@ class DiffLoss(nn.Module):
         return self._gen[key]
 
     def forward(self, target, z, mask=None, generator=None):
-        """Training loss: target tokens (N, C), conditions z (N, Dz), mask (N,) of rows that count. t ~ U{0..999}."""
+        """Training loss: target tokens (N, C), conditions z (N, Dz), mask (N,) of rows that count. t ~ U{0..999}.
+
+        MAR runs the head on every row and multiplies the loss by the mask; rows of weight 0 add nothing to the loss
+        or its gradient, so only the others are run (same t and noise draws, same loss up to summation order; the
+        mean mask ratio is ~0.80 on the toy, ~0.87 for MAR's truncated Gaussian from 0.7)."""
         t = randint(0, 1000, (len(target),), generator, target.device)
         noise = randn(target.shape, generator, target.device)
-        loss = self.train_diffusion.training_losses(self.net, target, t, z, noise)["loss"]  # (N,)
-        if mask is not None:
-            return (loss * mask).sum() / mask.sum()
-        return loss.mean()
+        if mask is None:
+            return self.train_diffusion.training_losses(self.net, target, t, z, noise)["loss"].mean()
+        keep = mask != 0  # (N,) rows whose loss counts
+        loss = self.train_diffusion.training_losses(self.net, target[keep], t[keep], z[keep], noise[keep])["loss"]
+        return (loss * mask[keep]).sum() / mask.sum()
 
     def guided_eps(self, x, t, c, c_null=None, cfg=1.0):
         """Head output (N, 2C) with CFG on eps only (see `guided_eps` below)."""

@@ -63,10 +63,15 @@ def test_training_loss_is_masked_mean_of_per_row_terms():
     t = torch.randint(0, 1000, (len(target),), generator=g)
     noise = torch.randn(target.shape, generator=g)
     rows = m.diffloss.train_diffusion.training_losses(m.diffloss.net, target, t, z, noise)["loss"]
-    torch.testing.assert_close(loss, (rows * w).sum() / w.sum())
-    loss.backward()
-    assert m.diffloss.net.final_layer.linear.weight.grad.abs().sum() > 0
-    assert m.encoder_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    official = (rows * w).sum() / w.sum()  # MAR: the head on every row, the loss times the mask
+    torch.testing.assert_close(loss, official)
+    # forward runs the head on the masked rows only: the same gradient as the official all-rows form
+    params = [m.diffloss.net.final_layer.linear.weight, m.encoder_blocks[0].attn.qkv.weight]
+    grads_official = torch.autograd.grad(official, params)
+    grads = torch.autograd.grad(loss, params)
+    for ours, theirs in zip(grads, grads_official):
+        assert theirs.abs().sum() > 0
+        torch.testing.assert_close(ours, theirs)
 
 
 def test_label_drop_uses_fake_latent():

@@ -38,7 +38,9 @@ step, args), log.jsonl, and for the toy eval.json (teacher vs student toy FID / 
 Deliberate choices where the paper is silent or ambiguous (each is a flag):
   1. CFG convention: MARVAL Eq. 10 writes the guided score (1+w) s(c) - w s(null), which is MAR's cfg = 1 + w = 2.2
      for w = 1.2; its ablation calls w = 1 "no CFG" and its IS at w = 1 matches MAR-B without CFG, which reads as
-     MAR's own convention cfg = w. --teacher-cfg is MAR's cfg and defaults to 1.2 (the ablation reading).
+     MAR's own convention cfg = w. --teacher-cfg is MAR's cfg and defaults to 1.2 (the ablation reading). The
+     scale is the same for every context (the paper gives one); MAR samples with it ramped linearly over the AR
+     steps, which --teacher-cfg-schedule linear imitates by each batch's mask ratio (`target_cfg`).
   2. Time weight w(t) = sigma_t (the eps-space form of DESIGN 5.1) and t ~ U{20..980}: t near 0 has Delta ~ 0 (a
      noise direction), t near 999 has alpha ~ 5e-5 (no signal). Not stated in the paper.
   3. Two aux steps per generator step (a 1:1 ratio at high lr lost modes in a 2-D toy, gsim_spec.md section 6).
@@ -117,14 +119,26 @@ def aux_dsm_loss(aux_net, x0, c, diffusion, generator=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def generator_loss_fp32(teacher_head, aux, x_t, t, c, c_null, eps, sigma, args):
+def target_cfg(cfg, seq_len, n_masked, schedule="constant"):
+    """The teacher CFG scale the student is distilled towards, for a batch whose contexts have n_masked of seq_len
+    tokens masked. "constant": cfg everywhere (the default: the paper gives one scale). "linear": the scale of
+    MAR's linear sampler schedule (`mar.cfg_scale_at`) with n_masked as the count still masked, so contexts early
+    in generation (mostly masked) get little guidance and late ones nearly cfg, as the 100-step teacher has when
+    it is sampled. A training context does not say which AR step it stands for, so this is the scale of the step
+    that LEAVES n_masked tokens masked: one step behind the step that starts from it (K-free by design)."""
+    return mar.cfg_scale_at(cfg, seq_len, n_masked, schedule)
+
+
+def generator_loss_fp32(teacher_head, aux, x_t, t, c, c_null, eps, sigma, args, cfg=None):
     """The generator loss with the teacher and auxiliary head calls (and so Delta) in fp32 whatever the autocast
     around it: the pseudo-Huber gradient keeps only Delta / |Delta|, and eps_p, eps_phi rounded to bf16 before the
-    subtraction lose that direction as the student converges (DESIGN 11). Returns (loss, eps_p, eps_phi)."""
+    subtraction lose that direction as the student converges (DESIGN 11). cfg: the teacher's CFG scale for this
+    batch (default args.teacher_cfg; see `target_cfg`). Returns (loss, eps_p, eps_phi)."""
     C = x_t.shape[-1]
+    cfg = args.teacher_cfg if cfg is None else cfg
     with torch.autocast(x_t.device.type, enabled=False):
         x_t, c, c_null = x_t.float(), c.float(), c_null.float()
-        eps_p = mar.guided_eps(teacher_head, x_t, t, c, c_null, args.teacher_cfg)[:, :C]   # (mN, C)
+        eps_p = mar.guided_eps(teacher_head, x_t, t, c, c_null, cfg)[:, :C]               # (mN, C)
         eps_phi = aux(x_t, t, c)[:, :C]                                                     # (mN, C)
         return gsim_generator_loss(eps_p, eps_phi, eps, sigma, args.r, args.path_weight), eps_p, eps_phi
 
@@ -169,7 +183,8 @@ def gsim_step(*, teacher, student_head, aux, latents, labels, opt_g, opt_a, args
     sigma = (1 - diff.alphas_cumprod.to(device)[t]).sqrt().float()                    # (mN,)
     # 4. generator loss: teacher and aux parameters frozen, their inputs NOT detached (gradients flow via x_t)
     aux.requires_grad_(False)
-    loss_g, eps_p, eps_phi = generator_loss_fp32(teacher.diffloss.net, aux, x_t, t, c, c_null, eps, sigma, args)
+    cfg = target_cfg(args.teacher_cfg, mask.shape[1], int(mask[0].sum()), args.teacher_cfg_schedule)
+    loss_g, eps_p, eps_phi = generator_loss_fp32(teacher.diffloss.net, aux, x_t, t, c, c_null, eps, sigma, args, cfg)
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     common.all_reduce_grads(trainable)
@@ -259,6 +274,8 @@ def get_args(argv=None):
     g.add_argument("--num-workers", type=int, default=8)
     g = p.add_argument_group("GSIM (paper defaults, MARVAL Table 1)")
     g.add_argument("--teacher-cfg", type=float, default=1.2, help="MAR-convention CFG of the teacher (see note 1)")
+    g.add_argument("--teacher-cfg-schedule", choices=["constant", "linear"], default="constant",
+                   help="linear: the teacher's scale follows MAR's sampler ramp by the context's mask ratio (note 1)")
     g.add_argument("--r", type=float, default=1e-5, help="pseudo-Huber constant, score units")
     g.add_argument("--path-weight", type=float, default=1.0, help="1: GSIM (exact gradient); 0: SIM's loss")
     g.add_argument("--t-min", type=int, default=20, help="generator loss t range (of 1000)")

@@ -84,6 +84,27 @@ def test_head_only_checkpoint_is_the_teacher_transformer_plus_the_student_head(t
                            ck["model"]["diffloss.net.final_layer.linear.weight"])  # EMA 0.99 lags the head
 
 
+def test_linear_teacher_cfg_schedule_follows_the_contexts_mask_ratio(toy_ckpt, tmp_path):
+    """--teacher-cfg-schedule linear: the target's scale is MAR's sampler ramp at the batch's still-masked count,
+    1 for an all-masked context and cfg for a fully visible one; it reaches the loss (same student as the constant
+    schedule at that scale, bit for bit, and a different one from the constant schedule at cfg)."""
+    assert distill_gsim.target_cfg(3.0, 16, 16, "linear") == 1.0
+    assert distill_gsim.target_cfg(3.0, 16, 0, "linear") == 3.0
+    assert distill_gsim.target_cfg(3.0, 16, 8, "linear") == 2.0
+    assert distill_gsim.target_cfg(3.0, 16, 8, "constant") == 3.0
+
+    def student(name, ratio, cfg, schedule):
+        out = str(tmp_path / name)
+        distill_gsim.main(FAST + ["--teacher", toy_ckpt, "--out-dir", out, "--max-steps", "2", "--mask-ratio", ratio,
+                                  "--teacher-cfg", cfg, "--teacher-cfg-schedule", schedule])
+        return mar.read_checkpoint(os.path.join(out, "checkpoint-last.pth"))["model"]["diffloss.net.final_layer.linear.weight"]
+
+    half = student("lin_half", "0.5", "3.0", "linear")  # 8 of 16 masked: scale 2
+    assert torch.equal(half, student("const_2", "0.5", "2.0", "constant"))
+    assert not torch.equal(half, student("const_3", "0.5", "3.0", "constant"))
+    assert torch.equal(student("lin_all", "1.0", "3.0", "linear"), student("const_1", "1.0", "1.0", "constant"))
+
+
 def test_bad_flags_are_clear_errors(toy_ckpt, tmp_path, capsys):
     for argv, msg in ((["--data-path", str(tmp_path)], "--data-path needs --vae"),
                       (["--preset", "toy", "--aux-steps", "0"], "--aux-steps must be >= 1")):

@@ -43,7 +43,8 @@ Deliberate choices where the paper is silent or ambiguous (each is a flag):
      steps, which --teacher-cfg-schedule linear imitates by each batch's mask ratio (`target_cfg`).
   2. Time weight w(t) = sigma_t (the eps-space form of DESIGN 5.1) and t ~ U{20..980}: t near 0 has Delta ~ 0 (a
      noise direction), t near 999 has alpha ~ 5e-5 (no signal). Not stated in the paper.
-  3. Two aux steps per generator step (a 1:1 ratio at high lr lost modes in a 2-D toy, gsim_spec.md section 6).
+  3. Two aux steps per generator step (a 1:1 ratio at high lr lost modes in a 2-D toy, gsim_spec.md section 6; on
+     the digits toy 1:1 kept FID but lost recall on every seed set, 0.766 -> 0.739, README "Closing the gap").
   4. Head-only distillation by default (transformer frozen, c shared by all three heads); --train-transformer
      also trains a student copy of the transformer.
   5. Masking ratios: MAR's truncated Gaussian mixed with uniform ratios (--uniform-mask-prob) so the student also
@@ -247,7 +248,7 @@ def head_of(mar_state):
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
-# Toy: 30 epochs = 630 steps (2.4 min on 2 cores) at lr 2e-4 for the student and the aux head. Measured on the
+# Toy: 30 epochs = 630 steps (~2.3 min on 2 cores) at lr 2e-4 for the student and the aux head. Measured on the
 # demo's 150-epoch teacher at K = 4, three seed sets (README): student FID 0.96x the teacher's at lr 2e-4; at 1e-4
 # the same 30 epochs leave it behind (the schedule, not the target, was the gap).
 TOY_DEFAULTS = dict(out_dir="runs/toy_student", global_batch_size=64, lr_g=2e-4, lr_aux=2e-4, ema_rate=0.99,

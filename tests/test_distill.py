@@ -97,7 +97,8 @@ def test_linear_teacher_cfg_schedule_follows_the_contexts_mask_ratio(toy_ckpt, t
         out = str(tmp_path / name)
         distill_gsim.main(FAST + ["--teacher", toy_ckpt, "--out-dir", out, "--max-steps", "2", "--mask-ratio", ratio,
                                   "--teacher-cfg", cfg, "--teacher-cfg-schedule", schedule])
-        return mar.read_checkpoint(os.path.join(out, "checkpoint-last.pth"))["model"]["diffloss.net.final_layer.linear.weight"]
+        ck = mar.read_checkpoint(os.path.join(out, "checkpoint-last.pth"))
+        return ck["model"]["diffloss.net.final_layer.linear.weight"]
 
     half = student("lin_half", "0.5", "3.0", "linear")  # 8 of 16 masked: scale 2
     assert torch.equal(half, student("const_2", "0.5", "2.0", "constant"))

@@ -40,7 +40,7 @@ Deliberate choices where the paper is silent or ambiguous (each is a flag):
      for w = 1.2; its ablation calls w = 1 "no CFG" and its IS at w = 1 matches MAR-B without CFG, which reads as
      MAR's own convention cfg = w. --teacher-cfg is MAR's cfg and defaults to 1.2 (the ablation reading). The
      scale is the same for every context (the paper gives one); MAR samples with it ramped linearly over the AR
-     steps, which --teacher-cfg-schedule linear imitates by each batch's mask ratio (`target_cfg`).
+     steps, which --teacher-cfg-schedule linear imitates by each batch's mask ratio (`gsim_step`).
   2. Time weight w(t) = sigma_t (the eps-space form of DESIGN 5.1) and t ~ U{20..980}: t near 0 has Delta ~ 0 (a
      noise direction), t near 999 has alpha ~ 5e-5 (no signal). Not stated in the paper.
   3. Two aux steps per generator step (a 1:1 ratio at high lr lost modes in a 2-D toy, gsim_spec.md section 6; on
@@ -120,23 +120,12 @@ def aux_dsm_loss(aux_net, x0, c, diffusion, generator=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def target_cfg(cfg, seq_len, n_masked, schedule="constant"):
-    """The teacher CFG scale the student is distilled towards, for a batch whose contexts have n_masked of seq_len
-    tokens masked. "constant": cfg everywhere (the default: the paper gives one scale). "linear": the scale of
-    MAR's linear sampler schedule (`mar.cfg_scale_at`) with n_masked as the count still masked, so contexts early
-    in generation (mostly masked) get little guidance and late ones nearly cfg, as the 100-step teacher has when
-    it is sampled. A training context does not say which AR step it stands for, so this is the scale of the step
-    that LEAVES n_masked tokens masked: one step behind the step that starts from it (K-free by design)."""
-    return mar.cfg_scale_at(cfg, seq_len, n_masked, schedule)
-
-
-def generator_loss_fp32(teacher_head, aux, x_t, t, c, c_null, eps, sigma, args, cfg=None):
+def generator_loss_fp32(teacher_head, aux, x_t, t, c, c_null, eps, sigma, args, cfg):
     """The generator loss with the teacher and auxiliary head calls (and so Delta) in fp32 whatever the autocast
     around it: the pseudo-Huber gradient keeps only Delta / |Delta|, and eps_p, eps_phi rounded to bf16 before the
     subtraction lose that direction as the student converges (DESIGN 11). cfg: the teacher's CFG scale for this
-    batch (default args.teacher_cfg; see `target_cfg`). Returns (loss, eps_p, eps_phi)."""
+    batch (gsim_step). Returns (loss, eps_p, eps_phi)."""
     C = x_t.shape[-1]
-    cfg = args.teacher_cfg if cfg is None else cfg
     with torch.autocast(x_t.device.type, enabled=False):
         x_t, c, c_null = x_t.float(), c.float(), c_null.float()
         eps_p = mar.guided_eps(teacher_head, x_t, t, c, c_null, cfg)[:, :C]               # (mN, C)
@@ -184,7 +173,12 @@ def gsim_step(*, teacher, student_head, aux, latents, labels, opt_g, opt_a, args
     sigma = (1 - diff.alphas_cumprod.to(device)[t]).sqrt().float()                    # (mN,)
     # 4. generator loss: teacher and aux parameters frozen, their inputs NOT detached (gradients flow via x_t)
     aux.requires_grad_(False)
-    cfg = target_cfg(args.teacher_cfg, mask.shape[1], int(mask[0].sum()), args.teacher_cfg_schedule)
+    # The target's CFG scale (note 1). "constant": --teacher-cfg for every context (the paper gives one scale).
+    # "linear": MAR's sampler ramp (`mar.cfg_scale_at`) with the context's masked count as the count still masked,
+    # so mostly-masked contexts (early AR steps) get little guidance and mostly-visible ones nearly --teacher-cfg. A
+    # context does not say which AR step it stands for: this is the scale of the step that LEAVES that many masked,
+    # one step behind the step that starts from it (K-free by design). Every row has the same count (random_masking).
+    cfg = mar.cfg_scale_at(args.teacher_cfg, mask.shape[1], int(mask[0].sum()), args.teacher_cfg_schedule)
     loss_g, eps_p, eps_phi = generator_loss_fp32(teacher.diffloss.net, aux, x_t, t, c, c_null, eps, sigma, args, cfg)
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()

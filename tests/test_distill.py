@@ -88,10 +88,10 @@ def test_linear_teacher_cfg_schedule_follows_the_contexts_mask_ratio(toy_ckpt, t
     """--teacher-cfg-schedule linear: the target's scale is MAR's sampler ramp at the batch's still-masked count,
     1 for an all-masked context and cfg for a fully visible one; it reaches the loss (same student as the constant
     schedule at that scale, bit for bit, and a different one from the constant schedule at cfg)."""
-    assert distill_gsim.target_cfg(3.0, 16, 16, "linear") == 1.0
-    assert distill_gsim.target_cfg(3.0, 16, 0, "linear") == 3.0
-    assert distill_gsim.target_cfg(3.0, 16, 8, "linear") == 2.0
-    assert distill_gsim.target_cfg(3.0, 16, 8, "constant") == 3.0
+    assert mar.cfg_scale_at(3.0, 16, 16, "linear") == 1.0  # the scale gsim_step asks for, by masked count
+    assert mar.cfg_scale_at(3.0, 16, 0, "linear") == 3.0
+    assert mar.cfg_scale_at(3.0, 16, 8, "linear") == 2.0
+    assert mar.cfg_scale_at(3.0, 16, 8, "constant") == 3.0
 
     def student(name, ratio, cfg, schedule):
         out = str(tmp_path / name)
@@ -129,12 +129,12 @@ def test_gsim_delta_direction_survives_bf16_autocast():
     x_t, c, c_null = torch.randn(N, 16), torch.randn(N, 64), torch.randn(N, 64)
     t = torch.randint(20, 981, (N,))
     eps, sigma = torch.randn(N, 16), torch.rand(N) * 0.9 + 0.1
-    args = SimpleNamespace(teacher_cfg=1.0, r=1e-5, path_weight=1.0)  # aux ~ teacher: Delta is the residual
-    _, p32, a32 = distill_gsim.generator_loss_fp32(head, aux, x_t, t, c, c_null, eps, sigma, args)
+    args = SimpleNamespace(r=1e-5, path_weight=1.0)  # cfg 1 below; aux ~ teacher: Delta is the residual
+    _, p32, a32 = distill_gsim.generator_loss_fp32(head, aux, x_t, t, c, c_null, eps, sigma, args, 1.0)
     delta32 = p32 - a32
     assert 0 < delta32.norm(dim=-1).median() < 0.1  # small, as near convergence
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, p, a = distill_gsim.generator_loss_fp32(head, aux, x_t, t, c, c_null, eps, sigma, args)
+        loss, p, a = distill_gsim.generator_loss_fp32(head, aux, x_t, t, c, c_null, eps, sigma, args, 1.0)
         naive = mar.guided_eps(head, x_t, t, c, c_null, 1.0)[:, :16] - aux(x_t, t, c)[:, :16]
     assert p.dtype == a.dtype == loss.dtype == torch.float32
     assert cosine(p - a, delta32).min() >= 0.999

@@ -118,6 +118,24 @@ def cosine(a, b):
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)  # (N,)
 
 
+def test_time_weight_power_reaches_the_loss():
+    """--time-weight-power p weights each token's eps-form loss by sigma^(p - 1) (w(t) = sigma_t^p in score units):
+    with two tokens at different sigma, the loss at p equals the per-token losses at p = 1 weighted that way."""
+    torch.manual_seed(0)
+    head = randomize_(mar.mar_tiny().diffloss.net, std=0.05).eval().requires_grad_(False)
+    aux = randomize_(copy.deepcopy(head), std=0.05, seed=1)
+    x_t, c, c_null = torch.randn(2, 16), torch.randn(2, 64), torch.randn(2, 64)
+    t, eps, sigma = torch.tensor([50, 700]), torch.randn(2, 16), torch.tensor([0.2, 0.9])
+    loss = lambda p, i: distill_gsim.generator_loss_fp32(head, aux, x_t[i], t[i], c[i], c_null[i], eps[i], sigma[i],
+                                                         SimpleNamespace(r=1e-5, path_weight=1.0, time_weight_power=p),
+                                                         1.5)[0]
+    both, per_token = slice(0, 2), [loss(1.0, slice(i, i + 1)) for i in range(2)]
+    for p in (0.0, 2.0):
+        want = (per_token[0] * 0.2 ** (p - 1) + per_token[1] * 0.9 ** (p - 1)) / 2
+        torch.testing.assert_close(loss(p, both), want)
+    assert not torch.allclose(loss(0.0, both), loss(1.0, both))
+
+
 def test_gsim_delta_direction_survives_bf16_autocast():
     """Near convergence |Delta| is small and the pseudo-Huber gradient keeps only Delta / |Delta|. Under bf16 autocast
     the generator loss must still form Delta from fp32 head outputs: per-token cosine >= 0.999 with the fp32 Delta,
@@ -129,7 +147,7 @@ def test_gsim_delta_direction_survives_bf16_autocast():
     x_t, c, c_null = torch.randn(N, 16), torch.randn(N, 64), torch.randn(N, 64)
     t = torch.randint(20, 981, (N,))
     eps, sigma = torch.randn(N, 16), torch.rand(N) * 0.9 + 0.1
-    args = SimpleNamespace(r=1e-5, path_weight=1.0)  # cfg 1 below; aux ~ teacher: Delta is the residual
+    args = SimpleNamespace(r=1e-5, path_weight=1.0, time_weight_power=1.0)  # cfg 1 below; aux ~ teacher: Delta is the residual
     _, p32, a32 = distill_gsim.generator_loss_fp32(head, aux, x_t, t, c, c_null, eps, sigma, args, 1.0)
     delta32 = p32 - a32
     assert 0 < delta32.norm(dim=-1).median() < 0.1  # small, as near convergence

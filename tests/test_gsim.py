@@ -90,6 +90,10 @@ def test_loss_value_and_shapes():
     torch.testing.assert_close(gsim_generator_loss(et, ea, n, sig[:, None], 0.1), want)
     torch.testing.assert_close(gsim_generator_loss(et, ea, n, 0.5, 0.1),
                                gsim_generator_loss(et, ea, n, torch.full((5,), 0.5), 0.1))
+    # per-token weights multiply each token's loss before the mean (token 2 weighted out, token 0 doubled)
+    w = torch.tensor([2.0, 1.0, 0.0, 1.0, 1.0])
+    per = torch.stack([gsim_generator_loss(et[i:i + 1], ea[i:i + 1], n[i:i + 1], sig[i:i + 1], 0.1) for i in range(5)])
+    torch.testing.assert_close(gsim_generator_loss(et, ea, n, sig, 0.1, weight=w), (per * w).mean())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ Deliberate choices where the paper is silent or ambiguous (each is a flag):
      (--time-weight-power) is DESIGN 5.1's eps form, every t weighted alike in eps units; the toy uses p = 3
      (eps-unit factor sigma_t^2 = 1 - abar_t), measured on the digits to take the student from 11.09 to 9.57 toy FID
      at K = 4 (the teacher: 11.93) with recall kept; p = 0 (uniform in score units) 17.46, t <= 500 only 15.72
-     (README "Closing the gap"). The small-t end, where Delta is mostly noise, is what a low p over-weights.
+     (README "Closing the gap"). A reading of those rows, not a proof: a low p over-weights the small-t end, where
+     Delta is mostly noise.
   3. Two aux steps per generator step (a 1:1 ratio at high lr lost modes in a 2-D toy, gsim_spec.md section 6; on
      the digits toy 1:1 kept FID but lost recall on every seed set, 0.766 -> 0.739, README "Closing the gap").
   4. Head-only distillation by default (transformer frozen, c shared by all three heads); --train-transformer
@@ -137,7 +138,7 @@ def generator_loss_fp32(teacher_head, aux, x_t, t, c, c_null, eps, sigma, args, 
         eps_p = mar.guided_eps(teacher_head, x_t, t, c, c_null, cfg)[:, :C]               # (mN, C)
         eps_phi = aux(x_t, t, c)[:, :C]                                                     # (mN, C)
         p = args.time_weight_power
-        weight = None if p == 1.0 else sigma.float() ** (p - 1.0)  # w(t) = sigma_t^p (note 2)
+        weight = None if p == 1.0 else sigma.float() ** (p - 1.0)  # (mN,): w(t) = sigma_t^p (note 2); p = 1: no op
         return gsim_generator_loss(eps_p, eps_phi, eps, sigma, args.r, args.path_weight, weight), eps_p, eps_phi
 
 

@@ -49,6 +49,16 @@ def toy_vae_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def toy_classifier_file(tmp_path_factory):
+    """The toy classifier, trained once per session by the real code (1,500 steps, ~20-40 s) and then shared: the
+    stages and ToyEvaluator only read a --classifier file that exists, and train one only where it is missing."""
+    import evaluate
+    path = tmp_path_factory.mktemp("toy_classifier") / "toy_classifier.pt"
+    evaluate.load_toy_classifier(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def toy_ckpt(tmp_path_factory, toy_vae_file):
     """A toy-configuration MAR with small random (non-zero) weights, saved in the official checkpoint format, with
     the toy VAE its latents belong to (as train_mar.py --preset toy writes it)."""

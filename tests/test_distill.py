@@ -55,10 +55,10 @@ def test_two_process_gloo_run_keeps_ranks_identical(toy_ckpt, tmp_path):
     assert "ranks agree: all 2 processes" in r.stdout + r.stderr
 
 
-def test_two_process_rl_run_keeps_ranks_identical(toy_ckpt, tmp_path):
+def test_two_process_rl_run_keeps_ranks_identical(toy_ckpt, toy_classifier_file, tmp_path):
     r = torchrun("rl_refine.py", ["--preset", "toy", "--student", toy_ckpt, "--out-dir", str(tmp_path / "rl"),
                                   "--max-steps", "2", "--global-batch-size", "4", "--eval-every", "0",
-                                  "--classifier", str(tmp_path / "clf.pt")])
+                                  "--classifier", toy_classifier_file])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ranks agree: all 2 processes" in r.stdout + r.stderr
 

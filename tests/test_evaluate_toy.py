@@ -45,8 +45,8 @@ def test_inception_score_does_not_depend_on_storage_order():
 
 
 @pytest.fixture(scope="module")
-def toy_eval(tmp_path_factory):
-    return evaluate.ToyEvaluator(str(tmp_path_factory.mktemp("clf") / "toy_classifier.pt"))
+def toy_eval(toy_classifier_file):
+    return evaluate.ToyEvaluator(toy_classifier_file)
 
 
 def test_toy_evaluator_on_real_and_broken_digits(toy_eval):

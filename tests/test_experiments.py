@@ -15,8 +15,9 @@ import experiments
 import mar
 
 
-def test_experiments_driver_on_a_tiny_configuration(tmp_path, capsys, toy_vae_file):
+def test_experiments_driver_on_a_tiny_configuration(tmp_path, capsys, toy_vae_file, toy_classifier_file):
     shutil.copy(toy_vae_file, tmp_path / "toy_vae.pt")  # reuse a toy VAE (no 40 s training)
+    shutil.copy(toy_classifier_file, tmp_path / "toy_classifier.pt")  # and the session's classifier
     argv = ["--out-dir", str(tmp_path), "--teacher-epochs", "1", "--distill-epochs", "1", "--sweep-distill-epochs",
             "1", "--rl-steps", "2", "--eval-images", "40", "--rl-eval-images", "40", "--timing-images", "10",
             "--cfgs", "1.2,3.0", "--num-iters", "1,4", "--sizes", "small,base", "--seed-sets", "2"]

@@ -77,11 +77,11 @@ def test_clip_preprocess_matches_the_processor(pickscore_dirs):
     assert (ours.flip(-1) - theirs).abs().mean() > 0.2 and (ours.flip(1) - theirs).abs().mean() > 0.2
 
 
-def test_toy_rl_run_logs_regularises_and_selects(toy_ckpt, tmp_path):
+def test_toy_rl_run_logs_regularises_and_selects(toy_ckpt, toy_classifier_file, tmp_path):
     out = str(tmp_path / "rl")
     rl_refine.main(["--preset", "toy", "--student", toy_ckpt, "--out-dir", out, "--max-steps", "4",
                     "--eval-every", "2", "--log-every", "1", "--eval-images", "40", "--global-batch-size", "4",
-                    "--classifier", str(tmp_path / "clf.pt"), "--lr", "1e-4"])
+                    "--classifier", toy_classifier_file, "--lr", "1e-4"])
     recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     train = [r for r in recs if "reward" in r]
     assert len(train) == 4 and all(r["reward"] <= 0 for r in train)  # log-probabilities
@@ -122,12 +122,12 @@ def distance_moved(ckpt_path, start):
     return d("model_ema"), d("model")
 
 
-def test_rl_update_shows_in_model_ema(toy_ckpt, tmp_path):
+def test_rl_update_shows_in_model_ema(toy_ckpt, toy_classifier_file, tmp_path):
     """model_ema is what every tool loads: with the script's own EMA default (0.9999 with warm-up), a short run
     leaves it at least half way from the start to the policy; the literal fixed 0.9999 would not move it."""
     start = mar.read_checkpoint(toy_ckpt)["model_ema"]
     base = ["--preset", "toy", "--student", toy_ckpt, "--max-steps", "4", "--eval-every", "0",
-            "--global-batch-size", "4", "--classifier", str(tmp_path / "clf.pt"), "--lr", "1e-4"]
+            "--global-batch-size", "4", "--classifier", toy_classifier_file, "--lr", "1e-4"]
     rl_refine.main(base + ["--out-dir", str(tmp_path / "warm")])
     ema, policy = distance_moved(str(tmp_path / "warm" / "checkpoint-last.pth"), start)
     assert policy > 0 and ema >= 0.5 * policy

@@ -52,11 +52,11 @@ def test_two_process_sampling_equals_one_process(toy_ckpt, tmp_path):
     assert np.array_equal(one, two)  # bit-identical: same per-image generators and the same batches
 
 
-def test_toy_evaluation_cli(toy_ckpt, tmp_path):
+def test_toy_evaluation_cli(toy_ckpt, toy_classifier_file, tmp_path):
     out = str(tmp_path / "s")
     run_sample(toy_ckpt, out, ["--one-step"])
     res = evaluate.main(["--toy", "--samples", os.path.join(out, "samples.npz"), "--classifier",
-                         str(tmp_path / "clf.pt"), "--json", str(tmp_path / "m.json")])
+                         toy_classifier_file, "--json", str(tmp_path / "m.json")])
     assert {"toy_fid", "toy_is", "accuracy"} <= set(res) and res["num_images"] == 20
     assert json.load(open(tmp_path / "m.json"))["toy_fid"] == pytest.approx(res["toy_fid"])
 

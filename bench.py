@@ -29,6 +29,7 @@ import time
 
 import torch
 
+import common
 import data
 import mar
 from evaluate import print_and_save
@@ -79,7 +80,7 @@ def speed(args, device):
     labels = torch.arange(args.batch, device=device) % model.class_num
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     run = lambda **kw: model.sample_tokens(args.batch, num_iter=args.num_iter, labels=labels, **kw)
-    out = {"model": args.model, "device": str(device), "threads": torch.get_num_threads(), "batch": args.batch,
+    out = {"model": args.model, "device": str(device), **common.machine(device), "batch": args.batch,
            "num_iter": args.num_iter, "teacher_cfg": args.cfg, "num_diffusion_steps": args.num_diffusion_steps,
            "params": sum(p.numel() for p in model.parameters())}
     with torch.no_grad(), amp:
@@ -198,7 +199,7 @@ def gsim_memory(args, device):
     mb, mp = sum(p["batch"] for p in points) / n, sum(p["peak_gib"] for p in points) / n
     slope = sum((p["batch"] - mb) * (p["peak_gib"] - mp) for p in points) / sum((p["batch"] - mb) ** 2 for p in points)
     fixed = mp - slope * mb
-    return {"model": args.model, "device": str(device), "threads": torch.get_num_threads(), "flags": args.gsim_flags,
+    return {"model": args.model, "device": str(device), **common.machine(device), "flags": args.gsim_flags,
             "mask_ratio": 1.0, "points": points, "fixed_gib": fixed, "gib_per_image": slope,
             "per_gpu": args.per_gpu, "predicted_peak_gib": fixed + slope * args.per_gpu}
 

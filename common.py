@@ -13,6 +13,7 @@ them (nanochat keeps `gpt.py` apart from `common.py` the same way):
   - `save_checkpoint`: atomic writes (temporary file, then rename). Reading lives in mar.py (`read_checkpoint`).
   - `ema_decay` / `update_ema`: the EMA of the weights that every tool loads.
   - `step_seed`: one seed per (run, rank, step), which makes resume exact without saving RNG state.
+  - `machine`: what a timing ran on (CPU model, threads, matmul throughput), recorded beside every reported time.
   - `plot_panels`, `save_class_grid`, `save_titled_grids`: the reports' figures, drawn with PIL.
 
 Every function depends only on torch and its arguments; copy any one of them on its own.
@@ -193,6 +194,34 @@ def step_seed(seed, rank, step):
     resumed at step n draws exactly what the uninterrupted run drew, with no RNG state to save."""
     return (seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63)
 
+
+
+def machine(device="cpu"):
+    """What a timing was measured on: {"cpu": model name, "threads": torch's, "matmul_gflops": fp32 throughput on
+    `device`, and "gpu": its name on CUDA}.
+
+    Toy timings scale with the last figure, not with the core count: the same toy teacher step took 0.13 s on one
+    2-core machine and 0.25 s on another (a 1024 x 1024 product at ~117 GFLOP/s). Best of three products of 1024^2
+    on `device`, about half a second on 2 CPU cores."""
+    cpu = "unknown"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    a = torch.randn(1024, 1024, device=device)
+    best = float("inf")
+    for _ in range(3):
+        if a.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ a
+        if a.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    out = {"cpu": cpu, "threads": torch.get_num_threads(), "matmul_gflops": round(4 * 2 * 1024 ** 3 / best / 1e9, 1)}
+    if a.is_cuda:
+        out["gpu"] = torch.cuda.get_device_name(a.device)
+    return out
 
 # ==== Figures: line / scatter panels drawn with PIL (no plotting dependency) ======================================
 

@@ -1,4 +1,5 @@
-"""The whole MARVAL pipeline on the bundled toy digits, on a CPU, in about 12 minutes (2 cores).
+"""The whole MARVAL pipeline on the bundled toy digits, on a CPU: 10.5 to 21 minutes on 2 cores (the times scale with
+the machine's matmul throughput, which report.md records; README gives the measured runs).
 
     python demo.py                       # -> runs/demo/report.md, report.json, grid_*.png
 
@@ -145,7 +146,7 @@ def evaluate_all(args, d, clf):
     report["real_split_fid"] = ev.real_split_fid()
     report["real_floor_fid"] = ev.real_floor(args.eval_images)  # the floor at the generated sets' size
     report["settings"] = {"num_iter": args.num_iter, "eval_images": args.eval_images, "teacher_cfg": args.teacher_cfg,
-                          "teacher_diffusion_steps": 100, "threads": torch.get_num_threads()}
+                          "teacher_diffusion_steps": 100, **common.machine()}
     return report
 
 
@@ -165,7 +166,8 @@ def write_report(report, seconds, out_dir):
     md = "\n".join(["# MARVAL toy demo", "",
                     f"K = {s['num_iter']} AR iterations, {s['eval_images']} images per model (labels 0-9 cycling, "
                     f"identical seeds, {len(EVAL_SEEDS)} seed sets); teacher: {s['teacher_diffusion_steps']} head "
-                    f"steps, cfg {s['teacher_cfg']}; students: 1 head step, cfg 1; {s['threads']} threads.", "",
+                    f"steps, cfg {s['teacher_cfg']}; students: 1 head step, cfg 1; {s['threads']} threads of "
+                    f"{s['cpu']} ({s['matmul_gflops']:.0f} GFLOP/s in fp32 matmuls: the times scale with it).", "",
                     *rows, "",
                     f"The floor: {s['eval_images']} real training digits score {report['real_floor_fid']:.2f} "
                     f"(mean of 10 class-balanced draws; all 1,400 score {report['real_split_fid']:.2f}); teacher "
@@ -184,7 +186,8 @@ def build_parser(description=__doc__, out_dir="runs/demo"):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=out_dir)
     p.add_argument("--teacher-epochs", type=int, default=150, help="toy epochs of 21 steps (train_mar's own: 380)")
-    p.add_argument("--distill-epochs", type=int, default=30, help="distill_gsim.py's toy default")
+    p.add_argument("--distill-epochs", type=int, default=20, help="20 fits the demo's ten minutes (student 0.90x "
+                   "its teacher); distill_gsim.py's and experiments.py's toy default 30 (0.80x) costs ~50 s more")
     p.add_argument("--rl-steps", type=int, default=150)
     p.add_argument("--teacher-cfg", type=float, default=1.2, help="the guided teacher GSIM distills (MAR convention)")
     p.add_argument("--num-iter", type=int, default=4, help="AR iterations K for evaluation")

@@ -3,10 +3,11 @@
     python experiments.py                         # -> runs/experiments/report.md, report.json, fig_*.png
     python experiments.py --out-dir runs/exp --cfgs 1.0,2.0 --num-iters 1,4,16 --sizes small,base
 
-~26 minutes from nothing on 2 cores. Like demo.py (whose flags it shares) it runs the real stage scripts in-process
-and reuses whatever is finished in --out-dir: the stage checkpoints, and each section's numbers (sections/*.json,
-recomputed when the section's settings change). It first runs the demo's pipeline (toy VAE, teacher, default
-student, RL), then:
+~26 minutes from nothing on 2 cores (twice that on a machine with half the matmul throughput). Like demo.py (whose
+flags it shares) it runs the real stage scripts in-process and reuses whatever is finished in --out-dir: the stage
+checkpoints, and each section's numbers (sections/*.json, recomputed when the section's settings change). It first
+runs the demo's pipeline (toy VAE, teacher, student, RL; the student with the full 30-epoch schedule, the demo's 20
+being its time budget), then:
 
   headline        teacher (MAR, 100 head steps, cfg --teacher-cfg) vs the default one-step student at K = 4:
                   toy FID per seed set, IS, accuracy, seconds per image.      Paper: main table (MAR-B 2.60 vs
@@ -314,7 +315,8 @@ def write_report(rep, out_dir):
     fids = lambda v: f"{np.mean(v):.2f} ({' / '.join(f'{x:.2f}' for x in v)})"
     md = ["# MARVAL in miniature: the paper's experiments on the toy", "",
           f"K = {s['num_iter']} AR iterations unless stated, {s['eval_images']} digits per seed set, teacher: 100 "
-          f"head steps at cfg {s['teacher_cfg']}, students: 1 step at cfg 1; {s['threads']} threads. The floor: "
+          f"head steps at cfg {s['teacher_cfg']}, students: 1 step at cfg 1; {s['threads']} threads of {s['cpu']} "
+          f"({s['matmul_gflops']:.0f} GFLOP/s in fp32 matmuls). The floor: "
           f"{s['eval_images']} real training digits score {h['real_floor_fid']:.2f} (10 class-balanced draws; all "
           f"1,400: {h['real_split_fid']:.2f}). One FID's noise, half its range over the headline's seed sets: "
           f"+-{sh['fid_noise']:.2f}; the shape checks below ignore differences smaller than that.", "",
@@ -408,6 +410,9 @@ def main(argv=None):
     p.add_argument("--sizes", default="small,base", help=f"toy sizes of the model-size table, from "
                                                           f"{','.join(data.TOY_SIZES)}")
     p.add_argument("--seed-sets", type=int, default=3, help="evaluation seed sets (demo.EVAL_SEEDS and beyond)")
+    # The student of the headline and the model-size table gets distill_gsim.py's full toy schedule (30 epochs); the
+    # demo shortens it to 20 to fit its ten minutes. A demo folder copied in therefore shares only its teacher.
+    p.set_defaults(distill_epochs=30)
     args = demo.parse(p, argv)
     args.cfgs = [float(v) for v in args.cfgs.split(",")]
     args.num_iters = [int(v) for v in args.num_iters.split(",")]
@@ -460,7 +465,7 @@ def main(argv=None):
     rep["headline"]["real_floor_fid"] = ev.real_floor(args.eval_images)  # the floor at the sets' size (cheap)
     # the verdicts are computed from the numbers on every run, never written by hand
     rep["shapes"] = shapes(rep)
-    rep["settings"] = {**base, "sweep_distill_epochs": args.sweep_distill_epochs, "threads": torch.get_num_threads()}
+    rep["settings"] = {**base, "sweep_distill_epochs": args.sweep_distill_epochs, **common.machine()}
     rep["seconds"] = {**seconds, "all_stages_and_sections": sum(seconds.values()), "this_invocation": time.time() - t0}
     figures(rep, args.out_dir)
     rl_fig = os.path.join(d("student_rl"), "reward_vs_fid.png")

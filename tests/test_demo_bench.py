@@ -11,8 +11,9 @@ import bench
 import demo
 
 
-def test_demo_pipeline_runs_and_reuses_finished_stages(tmp_path, capsys, toy_vae_file):
+def test_demo_pipeline_runs_and_reuses_finished_stages(tmp_path, capsys, toy_vae_file, toy_classifier_file):
     shutil.copy(toy_vae_file, tmp_path / "toy_vae.pt")  # the demo reuses a toy VAE in its folder (no 40 s training)
+    shutil.copy(toy_classifier_file, tmp_path / "toy_classifier.pt")  # and the classifier (trained once per session)
     argv = ["--out-dir", str(tmp_path), "--teacher-epochs", "1", "--distill-epochs", "1", "--rl-steps", "2",
             "--eval-images", "20", "--rl-eval-images", "20", "--timing-images", "10",
             "--rl-args=--eval-every 1 --global-batch-size 4"]
@@ -29,6 +30,9 @@ def test_demo_pipeline_runs_and_reuses_finished_stages(tmp_path, capsys, toy_vae
                                                          / report["student"]["sec_per_image"])
     assert json.load(open(tmp_path / "report.json"))["student"]["toy_fid"] == report["student"]["toy_fid"]
     assert "| student_rl |" in open(tmp_path / "report.md").read()
+    machine = report["settings"]  # what the times ran on, beside them: they scale with the matmul throughput
+    assert machine["threads"] >= 1 and machine["matmul_gflops"] > 0
+    assert machine["cpu"] in open(tmp_path / "report.md").read()
     capsys.readouterr()
     demo.main(argv)  # a second run trains nothing
     out = capsys.readouterr().out
@@ -44,8 +48,8 @@ def test_demo_refuses_eval_sizes_that_are_not_class_balanced(tmp_path, capsys):
 def test_bench_reports_the_documented_keys(tmp_path):
     out = bench.main(["--model", "mar_tiny", "--num-iter", "2", "--repeats", "1", "--num-diffusion-steps", "5",
                       "--json", str(tmp_path / "b.json")])
-    keys = {"model", "device", "batch", "num_iter", "teacher_sec_per_image", "student_sec_per_image", "speedup",
-            "lower_bound_sec_per_image", "student_over_lower_bound"}
+    keys = {"model", "device", "cpu", "threads", "matmul_gflops", "batch", "num_iter", "teacher_sec_per_image",
+            "student_sec_per_image", "speedup", "lower_bound_sec_per_image", "student_over_lower_bound"}
     assert keys <= set(out) and keys <= set(json.load(open(tmp_path / "b.json")))
     assert all(out[k] > 0 for k in ("teacher_sec_per_image", "student_sec_per_image", "lower_bound_sec_per_image"))
     mem = bench.main(["--rl-memory", "2", "4", "--rl-model", "mar_tiny", "--rl-batch", "2"])

@@ -195,7 +195,6 @@ def step_seed(seed, rank, step):
     return (seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63)
 
 
-
 def machine(device="cpu"):
     """What a timing was measured on: {"cpu": model name, "threads": torch's, "matmul_gflops": fp32 throughput on
     `device`, and "gpu": its name on CUDA}.
@@ -222,6 +221,7 @@ def machine(device="cpu"):
     if a.is_cuda:
         out["gpu"] = torch.cuda.get_device_name(a.device)
     return out
+
 
 # ==== Figures: line / scatter panels drawn with PIL (no plotting dependency) ======================================
 

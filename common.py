@@ -200,8 +200,8 @@ def machine(device="cpu"):
     `device`, and "gpu": its name on CUDA}.
 
     Toy timings scale with the last figure, not with the core count: the same toy teacher step took 0.13 s on one
-    2-core machine and 0.25 s on another (a 1024 x 1024 product at ~117 GFLOP/s). Best of three products of 1024^2
-    on `device`, about half a second on 2 CPU cores."""
+    2-core machine and 0.25 s on another (1024 x 1024 products at 107-117 GFLOP/s). The best of three timings of four
+    products of 1024^2 on `device`, about half a second on 2 CPU cores."""
     cpu = "unknown"
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
@@ -217,7 +217,8 @@ def machine(device="cpu"):
         if a.is_cuda:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    out = {"cpu": cpu, "threads": torch.get_num_threads(), "matmul_gflops": round(4 * 2 * 1024 ** 3 / best / 1e9, 1)}
+    flops = 4 * 2 * 1024 ** 3  # four products, each n^3 multiply-adds = 2 n^3 floating-point operations
+    out = {"cpu": cpu, "threads": torch.get_num_threads(), "matmul_gflops": round(flops / best / 1e9, 1)}
     if a.is_cuda:
         out["gpu"] = torch.cuda.get_device_name(a.device)
     return out

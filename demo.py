@@ -1,4 +1,4 @@
-"""The whole MARVAL pipeline on the bundled toy digits, on a CPU: 10.5 to 21 minutes on 2 cores (the times scale with
+"""The whole MARVAL pipeline on the bundled toy digits, on a CPU: 10.6 to 21 minutes on 2 cores (the times scale with
 the machine's matmul throughput, which report.md records; README gives the measured runs).
 
     python demo.py                       # -> runs/demo/report.md, report.json, grid_*.png

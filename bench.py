@@ -1,39 +1,47 @@
-"""Speed and memory: MAR teacher vs MARVAL student sampling, the transformer-only lower bound, and RL-step memory.
+"""Speed and memory: MAR teacher vs MARVAL student sampling, the paper's sizes without a GPU, and launch counts.
 
-Random weights are fine for speed (the work per call does not depend on the values). At the same architecture,
-batch and K:
+Speed (the default): random weights are fine (the work per call does not depend on the values). At the same
+architecture, batch and K:
   * teacher = MAR's sampler: a 100-step diffusion head per token, CFG with the batch doubled (linear 2.9 for MAR-B),
   * student = MARVAL's sampler: one head call per token, cfg 1 (no doubled batch),
   * lower bound = K encoder+decoder passes at the same batch with no head and no CFG: the time a one-step student
     cannot go below without touching the transformer. student / lower bound near 1 means the head is no longer the
     bottleneck; MARVAL's speed-up then comes from removing 100 head steps AND the CFG doubling.
-  * --gsim-memory: peak memory of one GSIM distillation step (mask ratio 1, the worst case) at two or more small
-    batches (--batches), extrapolated along the fitted line to --per-gpu images (the paper: 64 per GPU).
-  * --rl-memory K1 K2 ...: peak memory of one RL step (sample with gradients + backward) at each K, with and without
-    per-AR-step checkpointing (each measured in a fresh process on CPU: peak RSS growth; on CUDA: max allocated).
+CPU by default (threads: torch's default, printed), CUDA when present with bf16 autocast.
 
-CPU by default (threads: torch's default, printed), CUDA when present with bf16 autocast. JSON with --json.
+--dry-run: ONE real step of every stage of `--model` at the settings of its README command, on fake tensors (shapes,
+no storage): teacher training (64 per GPU), GSIM (64 per GPU, mask ratio 1) with and without --grad-checkpointing,
+RL (2 per GPU, K = 64, the KL-16 decoder and PickScore's ViT-H/14 in the graph), teacher sampling (K = 256, CFG) and
+student sampling (K = 64 and 128) at sample.py's batch, and the FID Inception at evaluate.py's batch. Each stage runs
+the function its script runs (train_mar.train_step, distill_gsim.gsim_step, rl_refine.rl_step, sample.generate), and
+the table gives, per GPU, the parameters, gradients, optimizer state and activations held at the peak, the peak, and
+whether it fits an 80 GB GPU (what the count leaves out: see LiveMemory's section). Minutes per model on 2 CPU cores:
+fake tensors cost ~0.2 ms an operator, and teacher sampling runs --head-steps (default 2) of the head's 100 reverse
+steps per AR step (with no graph kept, the head steps reuse the same memory: the peak does not depend on their count).
+
+--launch-counts: kernel launches per image at batch 1 for the teacher and the student sampler (see that section).
 
     python bench.py                                   # mar_tiny, batch 1, K 16
-    python bench.py --model mar_base --batch 1 --num-iter 16 --json bench_base_cpu.json
+    python bench.py --model mar_base --batch 1 --num-iter 64 --json bench_base_cpu.json
     python bench.py --model mar_huge --batch 64 --num-iter 64 --device cuda
-    python bench.py --rl-memory 8 16 32 64            # toy-sized model, batch 4
-    python bench.py --gsim-memory --model mar_huge --per-gpu 64 --json gsim_mem_h.json   # fits an 80 GB GPU?
+    python bench.py --dry-run --model mar_huge --json dry_h.json     # does every stage fit an 80 GB GPU?
+    python bench.py --dry-run --model mar_base --stages rl --rl-num-iter 16
+    python bench.py --launch-counts --model mar_base --json launches_b.json
 """
 import argparse
-import os
-import resource
-import subprocess
-import sys
+import itertools
 import time
+import weakref
 
 import torch
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 import data
+import evaluate
 import mar
-from evaluate import print_and_save
-
 
 def timed(fn, device, repeats):
     """Median wall time of fn() over `repeats` runs after one warm-up run."""
@@ -62,9 +70,9 @@ def transformer_only(model, bsz, num_iter, labels):
     orders = model.sample_orders(bsz, device=labels.device)
     n_masked = L
     for n_pred, _ in mar.mask_schedule(L, num_iter):
-        model.conditions(tokens, mask, model.class_emb(labels))
-        mask = torch.zeros_like(mask).scatter(1, orders[:, : n_masked - n_pred], 1.0)
+        model.conditions(tokens, mask, model.class_emb(labels), n_masked=n_masked)
         n_masked -= n_pred
+        mask = torch.zeros_like(mask).scatter(1, orders[:, :n_masked], 1.0)
 
 
 def build(name):
@@ -104,130 +112,304 @@ def speed(args, device):
     return out
 
 
-def rl_step_memory(model_name, K, bsz, checkpoint_steps, device):
-    """Peak memory (MiB) of one RL step: one-step sampling with gradients through K AR steps, then backward."""
-    torch.manual_seed(0)
-    model = build(model_name).to(device).eval()
-    labels = torch.arange(bsz, device=device) % model.class_num
-    # Only the growth caused by the step counts: weights and the Python process are in the baseline. On CPU the
-    # peak resident set (ru_maxrss) of a fresh process is the honest measure: torch's CPU allocator is not tracked.
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, after the model is built
-    out = model.sample_tokens(bsz, num_iter=K, labels=labels, one_step=True, checkpoint_steps=checkpoint_steps,
-                              generator=torch.Generator(device).manual_seed(0))
-    out.square().mean().backward()
-    if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+# ==== Dry run: one real step of every stage at the paper's sizes, on tensors without storage ======================
+#
+# FakeTensorMode (torch._subclasses.fake_tensor) gives every tensor a shape, a dtype and a device but no memory, and
+# runs the real operators' shape logic: MAR-H builds in about a second and a step of it runs on a laptop. LiveMemory
+# counts the storage those tensors would hold. What is counted is what a GPU's allocator is asked for as tensors; NOT
+# counted: the caching allocator's fragmentation and rounding, the CUDA context (~0.5-1 GiB a process), cuBLAS and
+# cuDNN workspaces, the scratch of the attention kernel the GPU picks, NCCL buffers, and autocast's cached bf16 copies
+# of the weights (CPU fake tensors do not keep them; on a GPU they add half the fp32 weights of a module under
+# autocast whose parameters require grad).
+
+KINDS = ("parameters", "gradients", "optimizer", "activations")
+GIB = 2 ** 30
+# A stage "fits an 80 GB GPU" when its counted peak is at most 72 GiB: 90% of the A100-80GB's 80 GiB, the rest left
+# to what the count leaves out (above).
+FIT_GIB = 72.0
+# CFG scales of the released MAR models (MAR arXiv:2406.11838 Table 4 / its README): the teacher's sampling setting.
+MAR_CFG = {"mar_base": 2.9, "mar_large": 3.0, "mar_huge": 3.2}
+# PickScore_v1 is a CLIP ViT-H/14 (the config.json of yuvalkirstain/PickScore_v1 and of the LAION CLIP-ViT-H-14 it
+# was fine-tuned from): enough to build it with fake weights, no file needed.
+PICKSCORE_CONFIG = dict(
+    text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                     num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu"),
+    vision_config=dict(image_size=224, patch_size=14, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                       num_attention_heads=16, hidden_act="gelu"),
+    projection_dim=1024)
 
 
-def rl_memory(args, device):
-    """The RL-step memory table: each K with and without per-AR-step checkpointing. Without it, the activations of
-    all K transformer passes stay alive until backward; with it, only each step's inputs do (plus one step's
-    activations, recomputed during backward)."""
-    rows = []
-    for K in args.rl_memory:
-        for ckpt in (False, True):
-            if device.type == "cuda":
-                mib = rl_step_memory(args.rl_model, K, args.rl_batch, ckpt, device)
-            else:  # a fresh process per measurement: RSS peaks only grow
-                code = (f"import bench, torch; print(bench.rl_step_memory({args.rl_model!r}, {K}, {args.rl_batch}, "
-                        f"{ckpt}, torch.device('cpu')))")
-                res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                     cwd=os.path.dirname(os.path.abspath(__file__)))
-                if res.returncode:
-                    raise RuntimeError(res.stderr[-2000:])
-                mib = float(res.stdout.strip().splitlines()[-1])
-            rows.append({"num_iter": K, "checkpoint_steps": ckpt, "peak_mib": mib})
-            print(f"RL step, K={K:3d}, per-step checkpointing {str(ckpt):5s}: peak +{mib:8.1f} MiB")
-    return {"rl_model": args.rl_model, "rl_batch": args.rl_batch, "rl_memory": rows}
+class LiveMemory(TorchDispatchMode):
+    """Bytes of live tensor storage by kind, and the peak of their sum, over the operators run inside it.
 
+    Every storage an operator returns counts from its creation until Python frees it (a weakref callback); views
+    share their base's storage and add nothing. Kinds: "parameters" and buffers of the modules given, "gradients"
+    (a parameter's .grad, moved there when autograd accumulates it), "optimizer" (what an optimizer step creates and
+    keeps: its states) and "activations" (everything else: tensors saved for backward, temporaries, inputs, outputs).
+    A small stand-in for torch's MemTracker, which refuses a module called twice at the top level (every AR loop)
+    and an optimizer step inside a tracked forward. Run inside FakeTensorMode, nothing is allocated.
+    """
 
-def gsim_step_peak(model_name, batch, flags, device):
-    """Peak memory (GiB) of one GSIM step (distill_gsim.gsim_step: contexts, student, generator loss, aux updates,
-    optimizer states created) at `batch` images with the mask ratio forced to 1 (every token generated: the worst
-    case), random weights. CUDA: max allocated. CPU: peak resident set of this (fresh) process above what it held
-    after `import torch`, i.e. weights + optimizer states + activations, not the interpreter."""
-    import distill_gsim
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    torch.manual_seed(0)
-    args = distill_gsim.get_args(["--teacher", "-", "--cached-path", "-", "--out-dir", "-", "--model", model_name,
-                                  "--mask-ratio", "1"] + list(flags))
-    teacher = build(model_name).to(device).eval().requires_grad_(False)
-    student, head, ema, aux, trainable, opt_g, opt_a = distill_gsim.build_gsim(teacher, args)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    h = w = teacher.seq_h * teacher.patch_size
-    latents = torch.randn(batch, teacher.vae_embed_dim, h, w, device=device)
-    labels = torch.arange(batch, device=device) % teacher.class_num
-    gen = torch.Generator(device).manual_seed(0)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    distill_gsim.gsim_step(teacher=teacher, student_head=head, aux=aux, latents=latents, labels=labels, opt_g=opt_g,
-                           opt_a=opt_a, args=args, gen=gen, trainable=trainable, precision=precision, student=student)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 30
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2 ** 20  # KiB -> GiB
+    def __init__(self, modules=(), optimizers=()):
+        super().__init__()
+        self.live, self.now = {}, dict.fromkeys(KINDS, 0)
+        self.peak, self.at_peak, self.kind = 0, dict(self.now), "activations"
+        for m in modules:
+            for t in itertools.chain(m.parameters(), m.buffers()):
+                self.track(t, "parameters")
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(lambda p: self.track(p.grad, "gradients"))
+        for opt in optimizers:  # states created inside step() are the optimizer's; its temporaries die inside it
+            opt.register_step_pre_hook(lambda *_: setattr(self, "kind", "optimizer"))
+            opt.register_step_post_hook(lambda *_: setattr(self, "kind", "activations"))
 
-
-def gsim_memory(args, device):
-    """Peak of one GSIM step at each of `--batches` (>= 2 sizes), and the straight line through them extrapolated
-    to `--per-gpu` images: predicted_peak_gib. Each point runs in a fresh process (CPU peaks only grow)."""
-    if len(args.batches) < 2:
-        raise ValueError("--gsim-memory needs at least two --batches to fit a line")
-    flags = args.gsim_flags.split()
-    points = []
-    for b in args.batches:
-        if device.type == "cuda":
-            gib = gsim_step_peak(args.model, b, flags, device)
-            torch.cuda.empty_cache()
+    def track(self, t, kind):
+        """Count t's storage as `kind` (a storage already counted changes kind: a gradient autograd made)."""
+        st = t.untyped_storage()
+        key = st._cdata  # the storage's address: one entry per storage, whatever views point at it
+        if key in self.live:
+            ref, nbytes, old = self.live[key]
+            self.now[old] -= nbytes
         else:
-            code = f"import bench, torch; print(bench.gsim_step_peak({args.model!r}, {b}, {flags!r}, torch.device('cpu')))"
-            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                 cwd=os.path.dirname(os.path.abspath(__file__)))
-            if res.returncode:
-                raise RuntimeError(res.stderr[-3000:])
-            gib = float(res.stdout.strip().splitlines()[-1])
-        points.append({"batch": b, "peak_gib": gib})
-        print(f"GSIM step, {args.model}, batch {b:3d}, mask ratio 1, flags [{args.gsim_flags}]: peak {gib:.2f} GiB")
-    # least-squares line peak = a + slope * batch
-    n = len(points)
-    mb, mp = sum(p["batch"] for p in points) / n, sum(p["peak_gib"] for p in points) / n
-    slope = sum((p["batch"] - mb) * (p["peak_gib"] - mp) for p in points) / sum((p["batch"] - mb) ** 2 for p in points)
-    fixed = mp - slope * mb
-    return {"model": args.model, "device": str(device), **common.machine(device), "flags": args.gsim_flags,
-            "mask_ratio": 1.0, "points": points, "fixed_gib": fixed, "gib_per_image": slope,
-            "per_gpu": args.per_gpu, "predicted_peak_gib": fixed + slope * args.per_gpu}
+            ref, nbytes = weakref.ref(st, lambda _, key=key: self.free(key)), st.nbytes()
+        self.live[key] = (ref, nbytes, kind)
+        self.now[kind] += nbytes
+        total = sum(self.now.values())
+        if total > self.peak:
+            self.peak, self.at_peak = total, dict(self.now)
+
+    def free(self, key):
+        _, nbytes, kind = self.live.pop(key)
+        self.now[kind] -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and (self.kind == "optimizer" or t.untyped_storage()._cdata not in self.live):
+                self.track(t, self.kind)
+        return out
+
+
+def _like_gpu(opt):
+    """The optimizer as it runs on a GPU: the foreach implementation (torch's default there), whose temporaries are
+    lists of parameter-sized tensors."""
+    for group in opt.param_groups:
+        group["foreach"] = True
+    return opt
+
+
+def _gens(n):
+    return [torch.Generator().manual_seed(i) for i in range(n)]
+
+
+def _kl16():
+    import vae
+    return data.Tokenizer(vae.AutoencoderKL().eval().requires_grad_(False))
+
+
+def _stage_train(name, opts):
+    """train_mar.py's step at MAR's 64 images per GPU, mask ratio `opts["mask_ratio"]`."""
+    import train_mar
+    args = train_mar.get_args(["--model", name, "--cached-path", "-", "--out-dir", "-"])
+    model = train_mar.build_model(args).train()
+    opt = _like_gpu(train_mar.build_optimizer(model, 1e-4, args.weight_decay))
+    B = args.global_batch_size // 32  # MAR's recipe: 2048 on 32 GPUs (README: 512 on 8), 64 per GPU
+    latents, labels = torch.randn(B, model.vae_embed_dim, model.seq_h, model.seq_w), torch.arange(B)
+    run = lambda: train_mar.train_step(model, opt, latents, labels, torch.Generator().manual_seed(0), "bf16",
+                                       args.grad_clip, mask_ratio=opts["mask_ratio"])
+    return run, [model], [opt], B, None
+
+
+def _stage_gsim(name, opts):
+    """distill_gsim.py's step (generator update + aux updates) at the paper's 64 per GPU, mask ratio 1."""
+    import distill_gsim
+    flags = ["--grad-checkpointing"] if opts["ckpt"] else []
+    args = distill_gsim.get_args(["--teacher", "-", "--cached-path", "-", "--out-dir", "-", "--model", name,
+                                  "--mask-ratio", "1"] + flags)
+    teacher = mar.PRESETS[name]().eval().requires_grad_(False)
+    student, head, ema, aux, _, opt_g, opt_a = distill_gsim.build_gsim(teacher, args)
+    B = args.global_batch_size // 8
+    latents, labels = torch.randn(B, teacher.vae_embed_dim, teacher.seq_h, teacher.seq_w), torch.arange(B)
+    run = lambda: distill_gsim.gsim_step(teacher=teacher, student_head=head, aux=aux, latents=latents, labels=labels,
+                                         opt_g=_like_gpu(opt_g), opt_a=_like_gpu(opt_a), args=args,
+                                         gen=torch.Generator().manual_seed(0), trainable=list(head.parameters()),
+                                         precision="bf16", student=student)
+    return run, [teacher, head, ema, aux], [opt_g, opt_a], B, None
+
+
+def _stage_rl(name, opts):
+    """rl_refine.py's step at the paper's 2 per GPU: K AR steps of the one-step head with gradients (each step
+    checkpointed), the KL-16 decoder and PickScore's ViT-H/14, backward, AdamW."""
+    import copy
+    import rl_refine
+    from transformers import BatchEncoding, CLIPConfig, CLIPModel
+    args = rl_refine.get_args(["--student", "-", "--vae", "-", "--out-dir", "-", "--model", name,
+                               "--pickscore-model", "-", "--num-iter", str(opts["num_iter"])])
+    args.precision = "bf16"
+    policy = mar.PRESETS[name]().eval()
+    reference, ema = copy.deepcopy(policy).requires_grad_(False), copy.deepcopy(policy).requires_grad_(False)
+    opt = _like_gpu(torch.optim.AdamW(list(policy.parameters()), lr=args.lr))
+    tokenizer = _kl16()
+    # text inputs of PickScore's tokenizer: 77 token ids a prompt (their values do not change any shape)
+    tokenize = lambda texts: BatchEncoding({"input_ids": torch.zeros(len(texts), 77, dtype=torch.long),
+                                            "attention_mask": torch.ones(len(texts), 77, dtype=torch.long)})
+    reward = evaluate.PickScoreReward(CLIPModel(CLIPConfig(**PICKSCORE_CONFIG)), tokenize, 224, prompts=["x"] * 1000)
+    B = args.global_batch_size // 8
+    labels = torch.arange(B)
+    run = lambda: rl_refine.rl_step(policy, reference, tokenizer, reward, labels, _gens(B), opt, args)
+    return run, [policy, reference, ema, tokenizer.vae, reward], [opt], B, args.num_iter
+
+
+def _stage_sample(name, opts):
+    """sample.py's batch (its --batch-size, 64 per GPU): the teacher (CFG, `head_steps` of the head's reverse steps)
+    or the one-step student, then the KL-16 decoder, in bf16 as on a GPU."""
+    import sample
+    flags = ["--one-step"] if opts["student"] else ["--cfg", str(MAR_CFG.get(name, 2.9)), "--num-diffusion-steps",
+                                                     str(opts["head_steps"])]
+    args = sample.get_args(["--ckpt", "-", "--vae", "-", "--out-dir", "-", "--model", name, "--num-iter",
+                            str(opts["num_iter"])] + flags)
+    model, tokenizer = mar.PRESETS[name]().eval(), _kl16()
+    B = args.batch_size
+    labels = torch.arange(B) % model.class_num
+    run = lambda: sample.generate(model, tokenizer, labels, _gens(B), args, "bf16")
+    return run, [model, tokenizer.vae], [], B, args.num_iter
+
+
+def _stage_inception(name, opts):
+    """The FID Inception at evaluate.py's --batch-size (50) on 256 x 256 uint8 images, as inception_features runs."""
+    net, B = evaluate.FIDInception().eval(), 50
+    images = torch.zeros(B, 3, 256, 256, dtype=torch.uint8)
+
+    def run():
+        with torch.no_grad():  # as in inception_features
+            return net(images)
+    return run, [net], [], B, None
+
+
+STAGES = {"train": _stage_train, "gsim": _stage_gsim, "gsim_ckpt": _stage_gsim, "rl": _stage_rl,
+          "sample_teacher": _stage_sample, "sample_student": _stage_sample, "inception": _stage_inception}
+
+
+def dry_stage(stage, name, **opts):
+    """One stage of model `name` under FakeTensorMode + LiveMemory: a row of the dry-run table (sizes in GiB)."""
+    t0 = time.time()
+    with FakeTensorMode() as mode:
+        mode.__deepcopy__ = lambda memo: mode  # copy.deepcopy of a fake module (EMA, reference) keeps this mode
+        torch.manual_seed(0)
+        run, modules, opts_, batch, num_iter = STAGES[stage](name, opts)
+        meter = LiveMemory(modules, opts_)
+        with meter:
+            run()
+    row = {"stage": stage, "per_gpu_batch": batch, "num_iter": num_iter}
+    row.update({f"{k}_gib": meter.at_peak[k] / GIB for k in KINDS})
+    row.update(peak_gib=meter.peak / GIB, fits_80gb=meter.peak / GIB <= FIT_GIB, seconds=time.time() - t0)
+    return row
+
+
+def dry_run(args):
+    """The dry-run table of `args.model`: every stage at the settings of its README command."""
+    K = args.num_iter  # None: each sampling stage's own K
+    plan = [("train", dict(mask_ratio=1.0)), ("gsim", dict(ckpt=False)), ("gsim_ckpt", dict(ckpt=True)),
+            ("rl", dict(num_iter=args.rl_num_iter)),
+            ("sample_teacher", dict(student=False, num_iter=K or 256, head_steps=args.head_steps)),
+            ("sample_student", dict(student=True, num_iter=K or 64)),
+            ("sample_student", dict(student=True, num_iter=K or 128)), ("inception", {})]
+    rows = []
+    for stage, opts in plan:
+        if args.stages and stage not in args.stages:
+            continue
+        rows.append(dry_stage(stage, args.model, **opts))
+        r = rows[-1]
+        print(f"{stage:15s} batch {r['per_gpu_batch']:3d} K {str(r['num_iter']):>4s}  params {r['parameters_gib']:6.2f}"
+              f"  grads {r['gradients_gib']:6.2f}  optim {r['optimizer_gib']:6.2f}  act {r['activations_gib']:7.2f}"
+              f"  peak {r['peak_gib']:7.2f} GiB  {'fits' if r['fits_80gb'] else 'DOES NOT FIT'} 80 GB"
+              f"  ({r['seconds']:.0f} s)", flush=True)
+    return {"model": args.model, "device": "fake (no storage), bf16 autocast", "fit_gib": FIT_GIB,
+            "teacher_head_steps_run": args.head_steps, "stages": rows}
+
+
+# ==== Launch counts: a GPU-free model of batch-1 latency ==========================================================
+#
+# At batch 1 a GPU runs MAR's small kernels far below its throughput: each operator is a kernel launch of a few
+# microseconds, so time ~ launches. The sampler is shape-static (every AR step runs the same operators whatever its
+# token count), so launches per image = a + K (b + S c) for the teacher (K AR steps, S head steps each) and a + K b'
+# for the student: three counts at small K and S give a, b, c exactly, and a fourth count checks the model.
+
+class LaunchCount(TorchDispatchMode):
+    """Counts the operators that launch a GPU kernel: every aten operator except views, metadata queries (prim::),
+    bare allocations and host-side scalar reads."""
+    FREE = {"empty", "empty_like", "empty_strided", "new_empty", "lift_fresh", "lift_fresh_copy", "_local_scalar_dense"}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.is_view or func.namespace == "prim" or func._opname in self.FREE):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def launch_counts(name, cfg):
+    """Kernel launches per image at batch 1 (fp32, no autocast): teacher (CFG `cfg`, 100 head steps) at K = 64 and
+    256, student (one head call, cfg 1) at K = 64 and 128, per-AR-step terms, and the teacher / student ratios."""
+    with FakeTensorMode():
+        model, label = mar.PRESETS[name]().eval(), torch.tensor([1])
+
+        def count(**kw):
+            with torch.no_grad(), LaunchCount() as c:
+                model.sample_tokens(1, labels=label, generator=torch.Generator().manual_seed(0), **kw)
+            return c.n
+
+        teacher = lambda K, S: count(num_iter=K, cfg=cfg, num_diffusion_steps=S)
+        student = lambda K: count(num_iter=K, one_step=True)
+        t22, t24, t42, s2, s4 = teacher(2, 2), teacher(2, 4), teacher(4, 2), student(2), student(4)
+        c = (t24 - t22) // 4                   # one head step (guided: CFG on eps) + one reverse-diffusion update
+        b = (t42 - t22) // 2 - 2 * c           # the rest of a teacher AR step: transformer (doubled batch), noise, writes
+        a = t22 - 2 * b - 4 * c                # once per image: orders, buffers, unpatchify
+        bs = (s4 - s2) // 2                    # a student AR step: transformer, one head call, writes
+        as_ = s2 - 2 * bs
+        if teacher(8, 5) != a + 8 * (b + 5 * c) or student(8) != as_ + 8 * bs:
+            raise AssertionError("launch counts are not linear in K and S: the sampler's AR steps differ")
+    out = {"model": name, "cfg": cfg, "per_image_fixed": {"teacher": a, "student": as_},
+           "teacher_per_ar_step_without_head": b, "teacher_per_head_step": c, "student_per_ar_step": bs,
+           "teacher": {K: a + K * (b + 100 * c) for K in (64, 256)}, "student": {K: as_ + K * bs for K in (64, 128)}}
+    out["ratio"] = {f"teacher K={kt} / student K={ks}": out["teacher"][kt] / out["student"][ks]
+                    for kt in (64, 256) for ks in (64, 128)}
+    return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mar_tiny", choices=list(mar.PRESETS) + ["toy"])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--num-iter", type=int, default=16, help="AR iterations K")
-    p.add_argument("--cfg", type=float, default=2.9, help="teacher CFG (MAR-B 2.9, L 3.0, H 3.2)")
-    p.add_argument("--num-diffusion-steps", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rl-memory", type=int, nargs="*", default=None, help="K values for the RL-step memory table")
-    p.add_argument("--rl-model", default="toy", choices=list(mar.PRESETS) + ["toy"])
-    p.add_argument("--rl-batch", type=int, default=4)
-    p.add_argument("--gsim-memory", action="store_true", help="peak memory of one GSIM step, extrapolated")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="--gsim-memory: measured batch sizes")
-    p.add_argument("--per-gpu", type=int, default=64, help="--gsim-memory: batch to predict (paper: 64 per GPU)")
-    p.add_argument("--gsim-flags", default="--grad-checkpointing", help="--gsim-memory: distill_gsim.py flags")
     p.add_argument("--json", default=None)
+    g = p.add_argument_group("speed (default)")
+    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--num-iter", type=int, default=None,
+                   help="AR iterations K (speed: default 16; --dry-run: overrides every sampling stage's K)")
+    g.add_argument("--cfg", type=float, default=2.9, help="teacher CFG (MAR-B 2.9, L 3.0, H 3.2)")
+    g.add_argument("--num-diffusion-steps", type=int, default=100)
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g = p.add_argument_group("dry run (fake tensors, the paper's sizes)")
+    g.add_argument("--dry-run", action="store_true", help="one step of every stage of --model, memory per GPU")
+    g.add_argument("--stages", nargs="+", choices=list(STAGES), default=None, help="only these stages")
+    g.add_argument("--rl-num-iter", type=int, default=64, help="K of the RL step (paper: 64)")
+    g.add_argument("--head-steps", type=int, default=2, help="reverse head steps run per AR step in teacher sampling")
+    g = p.add_argument_group("launch counts")
+    g.add_argument("--launch-counts", action="store_true", help="kernel launches per image at batch 1")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if args.gsim_memory:
-        out = gsim_memory(args, device)
+    if args.dry_run or args.launch_counts:
+        if args.model not in MAR_CFG:
+            p.error(f"--dry-run and --launch-counts take a released model (mar_base, mar_large, mar_huge), "
+                    f"got --model {args.model}")
+        out = dry_run(args) if args.dry_run else launch_counts(args.model, MAR_CFG[args.model])
     else:
-        out = rl_memory(args, device) if args.rl_memory else speed(args, device)
-    return print_and_save(out, args.json)
+        args.num_iter = args.num_iter or 16
+        out = speed(args, torch.device(args.device))
+    return evaluate.print_and_save(out, args.json)
 
 
 if __name__ == "__main__":

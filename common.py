@@ -132,7 +132,8 @@ class RunLog:
             self.file = open(os.path.join(out_dir, "log.jsonl"), "a")
 
     def add(self, stats):
-        self.window.append(stats)
+        """stats: {name: number or 0-d tensor}; tensors are read here (the one host copy of a step's numbers)."""
+        self.window.append({k: float(v) for k, v in stats.items()})
         if self.on:
             self.bar.update(1)
 

@@ -160,14 +160,19 @@ def gsim_step(*, teacher, student_head, aux, latents, labels, opt_g, opt_a, args
     ratio = args.mask_ratio  # None: MAR's truncated Gaussian, or with --uniform-mask-prob U(0, 1]
     if ratio is None and mar.rand((), gen).item() < args.uniform_mask_prob:
         ratio = 1.0 - mar.rand((), gen).item()
-    mask = teacher.random_masking(orders, ratio, gen)                                 # (B, L), 1 = to generate
-    sel = mask.bool()
+    n_masked = teacher.num_masked(ratio, gen)                                         # host int, same in every row
+    mask = teacher.random_masking(orders, n_masked)                                   # (B, L), 1 = to generate
+    _, masked = mar.split_positions(mask, n_masked)                                   # (B, n_masked) positions
+
+    def masked_conditions(model, cls):  # (N, Dz), N = B n_masked: image-major, ascending position
+        return mar.gather_rows(model.conditions(gt, mask, cls, n_masked=n_masked), masked).flatten(0, 1).float()
+
     with torch.no_grad(), autocast:
-        c = teacher.conditions(gt, mask, teacher.class_emb(labels))[sel].float()      # (N, Dz), N masked tokens
-        c_null = teacher.conditions(gt, mask, teacher.fake_latent.expand(len(gt), -1))[sel].float()
+        c = masked_conditions(teacher, teacher.class_emb(labels))
+        c_null = masked_conditions(teacher, teacher.fake_latent.expand(len(gt), -1))
     if student is not None:  # the student's own conditions (with grad); teacher and aux keep the teacher's c
         with autocast:
-            c_student = student.conditions(gt, mask, student.class_emb(labels))[sel].float()
+            c_student = masked_conditions(student, student.class_emb(labels))
     else:
         c_student = c
     m = teacher.diffusion_batch_mul  # several (z, t, eps) draws per token, as MAR's training does
@@ -187,7 +192,7 @@ def gsim_step(*, teacher, student_head, aux, latents, labels, opt_g, opt_a, args
     # so mostly-masked contexts (early AR steps) get little guidance and mostly-visible ones nearly --teacher-cfg. A
     # context does not say which AR step it stands for: this is the scale of the step that LEAVES that many masked,
     # one step behind the step that starts from it (K-free by design). Every row has the same count (random_masking).
-    cfg = mar.cfg_scale_at(args.teacher_cfg, mask.shape[1], int(mask[0].sum()), args.teacher_cfg_schedule)
+    cfg = mar.cfg_scale_at(args.teacher_cfg, mask.shape[1], n_masked, args.teacher_cfg_schedule)
     loss_g, eps_p, eps_phi = generator_loss_fp32(teacher.diffloss.net, aux, x_t, t, c, c_null, eps, sigma, args, cfg)
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
@@ -207,8 +212,9 @@ def gsim_step(*, teacher, student_head, aux, latents, labels, opt_g, opt_a, args
         opt_a.step()
     with torch.no_grad():
         y = (eps_p - eps_phi).norm(dim=-1) / sigma                                      # |y| in score units
-    return {"loss_g": loss_g.item(), "loss_aux": loss_a.item(), "y_mean": y.mean().item(),
-            "y_max": y.max().item(), "grad_norm_g": float(gnorm), "mask_ratio": mask.mean().item()}
+    # 0-d tensors (the log reads them): no host copy inside the step
+    return {"loss_g": loss_g.detach(), "loss_aux": loss_a.detach(), "y_mean": y.mean(), "y_max": y.max(),
+            "grad_norm_g": gnorm, "mask_ratio": n_masked / mask.shape[1]}
 
 
 def build_gsim(teacher, args):

@@ -492,38 +492,51 @@ def imagenet_prompts():
     return list(IMAGENET_CLASSNAMES)
 
 
+@torch.no_grad()
+def prompt_table(encode, prompts, chunk=250):
+    """(P, D) L2-normalised text features of every prompt, `encode(list of str) -> (n, D)` run in chunks. Computed
+    once: a reward then looks a batch's prompts up by label on the labels' device, with no host copy in the step."""
+    return torch.cat([F.normalize(encode(prompts[i: i + chunk]).float(), dim=-1) for i in range(0, len(prompts), chunk)])
+
+
 class PickScoreReward(nn.Module):
     """PickScore (Kirstain et al. 2023): logit_scale.exp() * cos(image, prompt) of a CLIP-H fine-tuned on human
     preferences. Local directories only: model `yuvalkirstain/PickScore_v1`, processor
     `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` (snapshots saved with save_pretrained or downloaded by hand)."""
 
-    def __init__(self, model_dir, processor_dir, prompts=None):
+    def __init__(self, model, tokenize, size=224, prompts=None):
+        """model: a transformers CLIPModel; tokenize(list of str) -> its text inputs (a dict of tensors); size: the
+        image side it reads. `from_dirs` builds all three from the local snapshots."""
         super().__init__()
+        self.model, self.tokenize, self.size = model.eval().requires_grad_(False), tokenize, size
+        self.prompts = prompts or imagenet_prompts()
+        self._text = None  # (P, D) features of every prompt, computed on first use
+
+    @classmethod
+    def from_dirs(cls, model_dir, processor_dir, prompts=None):
         from transformers import AutoProcessor, CLIPModel
         for d in (model_dir, processor_dir):
             if not os.path.isdir(d):
                 raise FileNotFoundError(f"{d!r} is not a local directory; PickScore is never downloaded")
-        self.processor = AutoProcessor.from_pretrained(processor_dir, local_files_only=True)
-        self.model = CLIPModel.from_pretrained(model_dir, local_files_only=True).eval().requires_grad_(False)
-        crop = self.processor.image_processor.crop_size  # a dict (transformers 4) or a SizeDict (5)
-        self.size = int(crop["height"] if isinstance(crop, dict) else getattr(crop, "height", crop))
-        self.prompts = prompts or imagenet_prompts()
-        self._text = {}
+        processor = AutoProcessor.from_pretrained(processor_dir, local_files_only=True)
+        model = CLIPModel.from_pretrained(model_dir, local_files_only=True)
+        crop = processor.image_processor.crop_size  # a dict (transformers 4) or a SizeDict (5)
+        size = int(crop["height"] if isinstance(crop, dict) else getattr(crop, "height", crop))
+        tokenize = lambda texts: processor(text=texts, padding=True, truncation=True, max_length=77,
+                                           return_tensors="pt")
+        return cls(model, tokenize, size, prompts)
 
     @staticmethod
     def _features(out):  # transformers 5 returns an output object, 4 a tensor
         return out if torch.is_tensor(out) else out.pooler_output
 
     def text_features(self, labels):
-        dev = next(self.model.parameters()).device
-        missing = sorted({int(l) for l in labels} - set(self._text))
-        if missing:
-            tok = self.processor(text=[self.prompts[i] for i in missing], padding=True, truncation=True,
-                                 max_length=77, return_tensors="pt").to(dev)
-            with torch.no_grad():
-                f = F.normalize(self._features(self.model.get_text_features(**tok)).float(), dim=-1)
-            self._text.update(zip(missing, f))
-        return torch.stack([self._text[int(l)] for l in labels])
+        """(B, D) normalised prompt features of class labels (B,)."""
+        if self._text is None:
+            dev = next(self.model.parameters()).device
+            encode = lambda texts: self._features(self.model.get_text_features(**self.tokenize(texts).to(dev)))
+            self._text = prompt_table(encode, self.prompts)
+        return self._text[labels]
 
     def forward(self, images, labels):
         img = self._features(self.model.get_image_features(pixel_values=clip_preprocess(images, self.size)))
@@ -544,16 +557,13 @@ class ClipReward(nn.Module):
         size = self.model.visual.image_size
         self.size = size[0] if isinstance(size, (tuple, list)) else size
         self.prompts = [f"a photo of a {p}." for p in (prompts or imagenet_prompts())]
-        self._text = {}
+        self._text = None  # (P, D) features of every prompt, computed on first use
 
     def forward(self, images, labels):
-        dev = next(self.model.parameters()).device
-        missing = sorted({int(l) for l in labels} - set(self._text))
-        if missing:
-            with torch.no_grad():
-                f = self.model.encode_text(self.tokenizer([self.prompts[i] for i in missing]).to(dev))
-            self._text.update(zip(missing, F.normalize(f.float(), dim=-1)))
-        text = torch.stack([self._text[int(l)] for l in labels])
+        if self._text is None:
+            dev = next(self.model.parameters()).device
+            self._text = prompt_table(lambda texts: self.model.encode_text(self.tokenizer(texts).to(dev)), self.prompts)
+        text = self._text[labels]                                                    # (B, D)
         img = F.normalize(self.model.encode_image(clip_preprocess(images, self.size)).float(), dim=-1)
         return 100.0 * (img * text).sum(-1)
 
@@ -671,7 +681,7 @@ def main(argv=None):
         scorers = {}
         if args.pickscore_model:
             processor = args.pickscore_processor or args.pickscore_model
-            scorers["pickscore"] = PickScoreReward(args.pickscore_model, processor)
+            scorers["pickscore"] = PickScoreReward.from_dirs(args.pickscore_model, processor)
         if args.clip_model:
             scorers["clip_score"] = ClipReward(args.clip_model, args.clip_weights)
         for name, fn in scorers.items():

@@ -206,19 +206,21 @@ class DiffLoss(nn.Module):
             self._gen[key] = GaussianDiffusion(1000, key)
         return self._gen[key]
 
-    def forward(self, target, z, mask=None, generator=None):
-        """Training loss: target tokens (N, C), conditions z (N, Dz), mask (N,) of rows that count. t ~ U{0..999}.
+    def forward(self, target, z, rows=None, generator=None):
+        """Training loss: target tokens (N, C), conditions z (N, Dz), `rows` (n,) the indices of the rows whose loss
+        counts (None: all). t ~ U{0..999} and the noise are drawn for all N rows, then indexed.
 
-        MAR runs the head on every row and multiplies the loss by the mask; rows of weight 0 add nothing to the loss
-        or its gradient, so only the others are run (same t and noise draws, same loss up to summation order; the
-        mean mask ratio is ~0.80 on the toy, ~0.87 for MAR's truncated Gaussian from 0.7)."""
+        MAR runs the head on every row and multiplies the loss by the 0/1 mask; rows of weight 0 add nothing to the
+        loss or its gradient, so only the counted rows are run: the same draws and the same loss, bit for bit, with
+        less head work (MAR's mean mask ratio is ~0.87). `rows` has a size known on the host (MAR.forward builds it
+        from the masked count), so no shape here depends on data."""
         t = randint(0, 1000, (len(target),), generator, target.device)
         noise = randn(target.shape, generator, target.device)
-        if mask is None:
+        if rows is None:
             return self.train_diffusion.training_losses(self.net, target, t, z, noise)["loss"].mean()
-        keep = mask != 0  # (N,) rows whose loss counts
-        loss = self.train_diffusion.training_losses(self.net, target[keep], t[keep], z[keep], noise[keep])["loss"]
-        return (loss * mask[keep]).sum() / mask.sum()
+        pick = lambda x: x.index_select(0, rows)  # (n, ...) the counted rows, in the order of `rows`
+        loss = self.train_diffusion.training_losses(self.net, pick(target), pick(t), pick(z), pick(noise))["loss"]
+        return loss.sum() / len(rows)  # = MAR's (loss * mask).sum() / mask.sum() for a 0/1 mask
 
     def guided_eps(self, x, t, c, c_null=None, cfg=1.0):
         """Head output (N, 2C) with CFG on eps only (see `guided_eps` below)."""
@@ -315,10 +317,29 @@ def cfg_scale_at(cfg, seq_len, mask_len, schedule="linear"):
     """CFG scale of one AR step (MAR appendix B: the scale grows linearly with the tokens generated, after Muse,
     Chang et al. 2023): "linear" cfg_k = 1 + (cfg - 1) (L - still_masked_k) / L, in fp32 like the original."""
     if schedule == "linear":
-        return float(1 + (cfg - 1) * (seq_len - torch.tensor([float(mask_len)])) / seq_len)
+        f = np.float32  # host arithmetic in fp32, the original's tensor dtype: the same scale to the bit
+        return float(f(1) + f(cfg - 1) * (f(seq_len) - f(mask_len)) / f(seq_len))
     if schedule == "constant":
         return float(cfg)
     raise NotImplementedError(f"cfg_schedule must be 'linear' or 'constant', got {schedule!r}")
+
+
+def split_positions(mask, n_masked=None):
+    """Positions of the visible and of the masked tokens of a (B, L) mask (1 = masked), each in ascending order:
+    index tensors (B, L - n_masked) and (B, n_masked). Every row masks the same count `n_masked`, which every caller
+    that made the mask knows on the host; without it the count is read off the mask (a device-to-host copy). A stable
+    sort puts the 0s (visible) before the 1s and keeps each group in position order, the order boolean indexing
+    gives, so gathers with these indices match MAR's `x[mask.bool()]` bit for bit with shapes known in advance."""
+    L = mask.shape[1]
+    if n_masked is None:
+        n_masked = int(mask[0].sum())
+    order = torch.sort(mask, dim=1, stable=True).indices  # (B, L): visible positions, then masked ones
+    return order[:, : L - n_masked], order[:, L - n_masked:]
+
+
+def gather_rows(x, index):
+    """x (B, N, D) gathered along N at index (B, n) -> (B, n, D)."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def _gen_device(generator, device):
@@ -430,15 +451,16 @@ class MAR(nn.Module):
         """(B, L) random generation orders, one permutation per image."""
         return _randperm(bsz, self.seq_len, generator, device or self.fake_latent.device)
 
-    def random_masking(self, orders, mask_ratio=None, generator=None):
-        """(B, L) float mask, 1 = masked (to predict): the first ceil(L * ratio) positions of each order.
-
-        One ratio per batch (every row has the same count, which the sparse encoder's reshape needs), drawn from
-        MAR's truncated Gaussian unless given.
-        """
+    def num_masked(self, mask_ratio=None, generator=None):
+        """Tokens to mask in every row of a training batch: ceil(L * ratio), one ratio per batch, drawn from MAR's
+        truncated Gaussian unless given. A host integer: every shape that follows is known before the GPU runs."""
         if mask_ratio is None:
             mask_ratio = truncnorm_mask_ratio(self.mask_ratio_min, generator)
-        n_masked = int(np.ceil(self.seq_len * mask_ratio))
+        return int(np.ceil(self.seq_len * mask_ratio))
+
+    def random_masking(self, orders, n_masked):
+        """(B, L) float mask, 1 = masked (to predict): the first `n_masked` positions of each order. Every row masks
+        the same count, which the sparse encoder's (B, buffer + L - n_masked) sequence needs."""
         mask = torch.zeros(orders.shape, device=orders.device)
         return mask.scatter(1, orders[:, :n_masked], 1.0)
 
@@ -449,11 +471,20 @@ class MAR(nn.Module):
                 else blk(x)
         return x
 
-    def forward_mae_encoder(self, x, mask, class_embedding, generator=None):
+    def _keep_index(self, mask, n_masked=None):
+        """(B, buffer + n_visible) positions the encoder keeps: every buffer slot, then the visible tokens in
+        ascending order (the order MAR's boolean indexing gives, so results match it bit for bit)."""
+        visible, _ = split_positions(mask, n_masked)  # (B, n_visible)
+        buf = torch.arange(self.buffer_size, device=mask.device).expand(len(mask), -1)  # (B, buffer)
+        return torch.cat([buf, visible + self.buffer_size], dim=1)
+
+    def forward_mae_encoder(self, x, mask, class_embedding, generator=None, n_masked=None):
         """x (B, L, C) tokens, mask (B, L) 1 = masked, class_embedding (B, De) -> (B, buffer + n_visible, De).
 
         All `buffer_size` leading slots hold the class embedding (or fake_latent under label dropout in training);
-        masked tokens are dropped before the encoder (MAE-style), so every row must have the same mask count.
+        masked tokens are dropped before the encoder (MAE-style), so every row must have the same mask count,
+        `n_masked` (read off the mask when not given; the sampler and the training steps give it, so that no shape
+        depends on data and the step needs no device-to-host copy).
         """
         B, L, _ = x.shape
         x = self.z_proj(x)  # (B, L, De)
@@ -463,38 +494,46 @@ class MAR(nn.Module):
             buf = drop * self.fake_latent[None] + (1 - drop) * buf
         x = torch.cat([buf.to(x.dtype), x], dim=1)  # (B, buffer + L, De)
         x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
-        keep = torch.cat([torch.zeros(B, self.buffer_size, device=x.device), mask], dim=1) == 0  # (B, buffer + L)
-        x = x[keep].reshape(B, -1, x.shape[-1])  # (B, buffer + n_visible, De), positions in ascending order
+        x = gather_rows(x, self._keep_index(mask, n_masked))  # (B, buffer + n_visible, De)
         return self.encoder_norm(self._run(self.encoder_blocks, x))
 
     def forward_mae_decoder(self, x, mask):
         """Encoder output (B, buffer + n_visible, De) -> per-token conditions z (B, L, Dd) for the head."""
         x = self.decoder_embed(x)  # (B, buffer + n_visible, Dd)
-        B, _, Dd = x.shape
-        keep = torch.cat([torch.zeros(B, self.buffer_size, device=x.device), mask], dim=1) == 0  # (B, buffer + L)
-        # Scatter the visible rows back into a full sequence of mask tokens; masked_scatter fills row-major, the
-        # same order boolean indexing gathered them in.
-        full = self.mask_token.to(x.dtype).expand(B, keep.shape[1], Dd)
-        full = full.masked_scatter(keep[..., None], x)  # (B, buffer + L, Dd)
+        B, n_keep, Dd = x.shape
+        keep = self._keep_index(mask, self.buffer_size + self.seq_len - n_keep)  # the count read off x's shape
+        # The kept rows go back to their positions in a full sequence of mask tokens (an out-of-place scatter:
+        # gradients reach both the kept rows and mask_token).
+        full = self.mask_token.to(x.dtype).expand(B, self.buffer_size + self.seq_len, Dd)
+        full = full.scatter(1, keep[..., None].expand(-1, -1, Dd), x)  # (B, buffer + L, Dd)
         x = self.decoder_norm(self._run(self.decoder_blocks, full + self.decoder_pos_embed_learned))
         return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned  # (B, L, Dd)
 
-    def conditions(self, tokens, mask, class_embedding, generator=None):
-        """Encoder + decoder: per-token head conditions z (B, L, Dd)."""
-        return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, class_embedding, generator), mask)
+    def conditions(self, tokens, mask, class_embedding, generator=None, n_masked=None):
+        """Encoder + decoder: per-token head conditions z (B, L, Dd). n_masked: see `forward_mae_encoder`."""
+        return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, class_embedding, generator, n_masked),
+                                        mask)
 
     # -- training ---------------------------------------------------------------------------------------------------
-    def forward(self, imgs, labels, generator=None):
-        """MAR training loss. imgs: latents (B, C, H, W) already multiplied by 0.2325; labels (B,)."""
+    def forward(self, imgs, labels, generator=None, mask_ratio=None):
+        """MAR training loss. imgs: latents (B, C, H, W) already multiplied by 0.2325; labels (B,). mask_ratio: one
+        ratio for the batch (None: MAR's truncated Gaussian draw)."""
         gt = self.patchify(imgs)  # (B, L, C)
-        orders = self.sample_orders(len(gt), generator, gt.device)
-        mask = self.random_masking(orders, generator=generator)
-        z = self.conditions(gt, mask, self.class_emb(labels), generator)  # (B, L, Dd)
+        B, L, _ = gt.shape
+        orders = self.sample_orders(B, generator, gt.device)
+        n_masked = self.num_masked(mask_ratio, generator)
+        mask = self.random_masking(orders, n_masked)
+        z = self.conditions(gt, mask, self.class_emb(labels), generator, n_masked)  # (B, L, Dd)
         # diffusion_batch_mul copies of every token (tiled, not interleaved), each with its own t and noise.
         m = self.diffusion_batch_mul
         target = gt.reshape(-1, gt.shape[-1]).repeat(m, 1)  # (m B L, C)
         z = z.reshape(-1, z.shape[-1]).repeat(m, 1)         # (m B L, Dd)
-        return self.diffloss(target, z, mask.reshape(-1).repeat(m), generator)  # mask (m B L,)
+        # The loss counts the masked tokens only: their row indices in the (m, B, L) tiling, copy-major, then
+        # image, then ascending position (the order of MAR's flattened mask).
+        _, masked = split_positions(mask, n_masked)                                      # (B, n_masked)
+        offsets = torch.arange(m * B, device=gt.device).reshape(m, B, 1) * L              # (m, B, 1)
+        rows = (offsets + masked[None]).reshape(-1)                                       # (m B n_masked,)
+        return self.diffloss(target, z, rows, generator)
 
     # -- sampling ---------------------------------------------------------------------------------------------------
     def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
@@ -510,8 +549,14 @@ class MAR(nn.Module):
         generator: a torch.Generator, or a list of B generators (one per image: an image then depends only on its
         own generator, not on its batch). Gradients flow when enabled (RL): `checkpoint_steps` wraps every AR step in
         torch.utils.checkpoint (noise is drawn outside, so recomputation is exact); `grad_steps=k` keeps the graph
-        only for the last k AR steps (DRaFT-k truncation). `step_callback(step, tokens, mask, to_pred, noise)` is called
-        before each AR step with its inputs (RL uses it to run a frozen reference on the same context and noise).
+        only for the last k AR steps (DRaFT-k truncation). `step_callback(step, tokens, mask, n_masked, pos, noise)`
+        is called before each AR step with its inputs (RL uses it to run a frozen reference on the same context and
+        noise). Inference callers wrap this in torch.no_grad(): with grad mode on, the returned latents carry the
+        graph of every AR step.
+
+        Every shape is known on the host: the schedule fixes how many tokens each step predicts, and the still-masked
+        set is always a prefix of `orders`. The loop indexes with tensors of those sizes (no boolean masks, no
+        device-to-host copy), so an AR step can be captured by CUDA graphs or torch.compile.
         """
         device = self.fake_latent.device
         L, C = self.seq_len, self.token_embed_dim
@@ -520,56 +565,57 @@ class MAR(nn.Module):
         orders = self.sample_orders(bsz, generator, device)
         tokens, mask = torch.zeros(bsz, L, C, device=device), torch.ones(bsz, L, device=device)
         n_masked = L  # the same count in every row: the schedule is deterministic
-        schedule = mask_schedule(L, num_iter)
-        for step in (tqdm(range(num_iter), desc="AR steps") if progress else range(num_iter)):
-            n_pred, mask_len = schedule[step]
-            # tokens leaving the mask set this step: the still-masked set is always a PREFIX of `orders`
-            still = torch.zeros(bsz, L, dtype=torch.bool, device=device)
-            still.scatter_(1, orders[:, : n_masked - n_pred], True)
-            to_pred = (mask > 0) & ~still  # (B, L)
+        S = None if one_step else self.diffloss.gen_diffusion(num_diffusion_steps).num_timesteps
+        for step, (n_pred, mask_len) in enumerate(tqdm(mask_schedule(L, num_iter), desc="AR steps", disable=not progress)):
+            if n_pred == 0:  # num_iter > L can leave a step with nothing to predict
+                continue
+            # The tokens leaving the mask set this step: the last n_pred of the still-masked prefix of `orders`,
+            # in ascending position (the order MAR's boolean indexing visits them in, which pairs them with noise).
+            pos = orders[:, n_masked - n_pred: n_masked].sort(dim=1).values  # (B, k)
             cfg_k = cfg_scale_at(cfg, L, mask_len, cfg_schedule) if cfg != 1.0 else 1.0
             # Noise for this step, drawn here so a generator decides it and checkpoint recomputation is exact.
-            n_noise = n_pred * C
             if one_step:
-                noise = _randn((bsz, n_noise), generator, device).reshape(bsz * n_pred, C) * temperature  # (B k, C)
+                noise = _randn((bsz, n_pred * C), generator, device).reshape(bsz * n_pred, C) * temperature  # (B k, C)
             else:
-                S = self.diffloss.gen_diffusion(num_diffusion_steps).num_timesteps
-                noise = _randn((bsz, (S + 1) * n_noise), generator, device).reshape(bsz, S + 1, n_pred, C)
+                noise = _randn((bsz, (S + 1) * n_pred * C), generator, device).reshape(bsz, S + 1, n_pred, C)
                 # (B, S+1, k, C) -> (S+1, B k, C): [0] = x_T, [1:] one per reverse step
                 noise = noise.permute(1, 0, 2, 3).reshape(S + 1, bsz * n_pred, C)
             if step_callback is not None:
-                step_callback(step, tokens, mask, to_pred, noise)
-            args = (tokens, mask, to_pred, labels, noise, cfg_k, temperature, num_diffusion_steps, one_step,
-                    clip_denoised)
+                step_callback(step, tokens, mask, n_masked, pos, noise)
+
+            def head(c, c_null, noise, cfg_k=cfg_k):  # the per-token generator of this AR step: (B k, Dz) -> (B k, C)
+                if one_step:
+                    return self.diffloss.sample_one_step(c, noise, c_null, cfg_k, clip_denoised)
+                return self.diffloss.sample(c, noise[0], noise[1:], c_null, cfg_k, temperature, num_diffusion_steps,
+                                            clip_denoised)
+
+            args = (tokens, mask, n_masked, pos, labels, noise, head, cfg_k != 1.0)
             track = grad_steps is None or step >= num_iter - grad_steps
             with torch.set_grad_enabled(torch.is_grad_enabled() and track):
                 if checkpoint_steps and torch.is_grad_enabled():
                     tokens = checkpoint(self._ar_step, *args, use_reentrant=False)
                 else:
                     tokens = self._ar_step(*args)
-            mask = ((mask > 0) & ~to_pred).float()
             n_masked -= n_pred
+            mask = torch.zeros_like(mask).scatter(1, orders[:, :n_masked], 1.0)  # (B, L) the still-masked prefix
         return self.unpatchify(tokens)
 
-    def _ar_step(self, tokens, mask, to_pred, labels, noise, cfg, temperature, num_steps, one_step, clip):
-        """One AR iteration: conditions for all positions, then the head for the tokens in `to_pred` (B, L)."""
-        B = len(tokens)
+    def _ar_step(self, tokens, mask, n_masked, pos, labels, noise, head, guided):
+        """One AR iteration: conditions for all positions from the current tokens and mask (n_masked per row), then
+        `head` for the positions `pos` (B, k); returns the tokens with those k written. guided: run the transformer
+        on a doubled batch whose second half is unconditional (fake_latent) for CFG."""
+        B, k = pos.shape
         cls = self.class_emb(labels) if labels is not None else self.fake_latent.expand(B, -1)
-        if cfg != 1.0:  # CFG: second half of the batch is unconditional (fake_latent), same tokens and mask
+        if guided:  # CFG: the second half of the batch is unconditional (fake_latent), same tokens and mask
             z = self.conditions(torch.cat([tokens, tokens]), torch.cat([mask, mask]),
-                                torch.cat([cls, self.fake_latent.expand(B, -1)]))
-            z, z_null = z[:B][to_pred], z[B:][to_pred]  # (B k, Dd) each, batch-major then ascending position
+                                torch.cat([cls, self.fake_latent.expand(B, -1)]), n_masked=n_masked)  # (2B, L, Dd)
+            z = gather_rows(z, torch.cat([pos, pos])).flatten(0, 1)  # (2B k, Dd): image-major, ascending position
+            c, c_null = z.chunk(2)  # (B k, Dd) each
         else:
-            z, z_null = self.conditions(tokens, mask, cls)[to_pred], None
-        if len(z) == 0:  # num_iter > L can leave a step with nothing to predict
-            return tokens
-        if one_step:
-            x0 = self.diffloss.sample_one_step(z, noise, z_null, cfg, clip)
-        else:
-            x0 = self.diffloss.sample(z, noise[0], noise[1:], z_null, cfg, temperature, num_steps, clip)
-        # Differentiable write of the new tokens (no in-place op on a tensor that may need grad).
-        new = torch.zeros_like(tokens).masked_scatter(to_pred[..., None].expand_as(tokens), x0.to(tokens.dtype))
-        return torch.where(to_pred[..., None], new, tokens)
+            c, c_null = gather_rows(self.conditions(tokens, mask, cls, n_masked=n_masked), pos).flatten(0, 1), None
+        x0 = head(c, c_null, noise).to(tokens.dtype).reshape(B, k, -1)  # (B, k, C)
+        # Out-of-place write of the new tokens: differentiable into both the old tokens and x0.
+        return tokens.scatter(1, pos[..., None].expand(-1, -1, tokens.shape[-1]), x0)
 
 
 # ==== Presets: the released models (with their released heads) and small ones for tests and the toy =============

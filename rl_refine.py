@@ -78,7 +78,7 @@ def build_reward(args, device):
         ev.net.to(device).requires_grad_(False)
         return ev.log_prob, ev
     if args.reward == "pickscore":
-        fn = evaluate.PickScoreReward(args.pickscore_model, args.pickscore_processor or args.pickscore_model)
+        fn = evaluate.PickScoreReward.from_dirs(args.pickscore_model, args.pickscore_processor or args.pickscore_model)
     else:
         fn = evaluate.ClipReward(args.clip_model, args.clip_weights)
     return fn.to(device), None
@@ -95,13 +95,13 @@ def generate_with_reference(policy, reference, labels, gens, args):
     graph). Returns (latents (B, C, H, W), penalty: mean squared difference of the one-step outputs)."""
     records = []
 
-    def on_step(step, tokens, mask, to_pred, noise):
+    def on_step(step, tokens, mask, n_masked, pos, noise):
         if reference is None:
             return
         with torch.no_grad():
-            cls = reference.class_emb(labels)
-            c = reference.conditions(tokens.detach(), mask, cls)[to_pred]            # (B k, Dz)
-            records.append((to_pred, reference.diffloss.sample_one_step(c, noise)))
+            z = reference.conditions(tokens.detach(), mask, reference.class_emb(labels), n_masked=n_masked)
+            c = mar.gather_rows(z, pos).flatten(0, 1)                                # (B k, Dz)
+            records.append((pos, reference.diffloss.sample_one_step(c, noise)))
 
     latents = policy.sample_tokens(len(labels), num_iter=args.num_iter, labels=labels, one_step=True, generator=gens,
                                    checkpoint_steps=not args.no_checkpoint_steps, grad_steps=args.truncate_k,
@@ -109,7 +109,8 @@ def generate_with_reference(policy, reference, labels, gens, args):
     if not records:
         return latents, torch.zeros((), device=latents.device)
     tokens = policy.patchify(latents)                                                 # (B, L, C)
-    penalty = torch.stack([(tokens[m] - ref).square().mean() for m, ref in records]).mean()
+    penalty = torch.stack([(mar.gather_rows(tokens, pos).flatten(0, 1) - ref).square().mean()  # (B k, C) each
+                           for pos, ref in records]).mean()
     return latents, penalty
 
 
@@ -124,17 +125,29 @@ def heldout_labels(n, n_classes):
     return torch.arange(n) * n_classes // n if n < n_classes else torch.arange(n) % n_classes
 
 
-def rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, trainable, args):
-    latents, penalty = generate_with_reference(policy, reference if args.reg_weight > 0 else None, labels, gens, args)
-    images = tokenizer.decode(latents)
-    reward = reward_fn(images, labels)                                                # (B,)
-    loss = -reward.mean() + args.reg_weight * penalty
+def rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, args):
+    """One MARVAL-RL update: generate a batch with gradients (K AR steps of the one-step head, then the decoder), score
+    it, and step the optimizer on
+
+        loss = -mean_b R(decode(x_b), prompt_b) + beta * penalty        (reward back-propagation, DRaFT arXiv:2309.17400;
+                                                                          penalty: DRaFT+, `generate_with_reference`)
+
+    with beta = args.reg_weight: 0 by default (the paper's plain reward loss), 1 in the toy's defaults, where an
+    unguarded run hacks the reward (note 1). labels (B,) classes, whose prompts the reward scores; gens: one generator
+    per image; opt: the optimizer over the trainable parameters (one group), whose gradients are averaged over ranks
+    and clipped to args.grad_clip. Runs under bf16 autocast when args.precision is "bf16". Returns 0-d tensors."""
+    trainable = opt.param_groups[0]["params"]
+    with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        latents, penalty = generate_with_reference(policy, reference if args.reg_weight > 0 else None, labels, gens,
+                                                   args)
+        reward = reward_fn(tokenizer.decode(latents), labels)                         # (B,)
+        loss = -reward.mean() + args.reg_weight * penalty
     opt.zero_grad(set_to_none=True)
     loss.backward()
     common.all_reduce_grads(trainable)
     gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
     opt.step()
-    return {"reward": reward.mean().item(), "penalty": penalty.item(), "loss": loss.item(), "grad_norm": float(gnorm)}
+    return {"reward": reward.mean().detach(), "penalty": penalty.detach(), "loss": loss.detach(), "grad_norm": gnorm}
 
 
 @torch.no_grad()
@@ -259,7 +272,7 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, device, bsz = common.start_run(args)
     toy = args.preset == "toy"
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")  # resolved (and saved so)
 
     # -- models: policy (trained), frozen reference (the start), EMA -------------------------------------------------
     build = (lambda: data.toy_model_of(args.student)) if toy else \
@@ -323,8 +336,7 @@ def main(argv=None):
         g = torch.Generator().manual_seed(common.step_seed(args.seed, rank, step))
         labels = torch.randint(0, n_classes, (bsz,), generator=g).to(device)
         gens = [torch.Generator(device).manual_seed(common.step_seed(args.seed, rank, step) * 131 + b) for b in range(bsz)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            stats = rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, trainable, args)
+        stats = rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, args)
         step += 1
         common.update_ema(ema, policy, common.ema_decay(args.ema_rate, step, not args.no_ema_warmup))
         log.add(stats)

@@ -74,7 +74,20 @@ def labelled_grid(arr, labels, path, n=32, ncol=8):
     canvas.save(path)
 
 
-@torch.no_grad()
+@torch.no_grad()  # inference: with grad mode on, the latents would carry the graph of every AR step (and head step)
+def generate(model, tokenizer, labels, gens, args, precision):
+    """One batch of images in [-1, 1] (B, C, H, W) for `labels` (B,), one generator per image, with the sampler
+    flags of `args` (teacher, or --one-step student) under `precision` autocast. Holds no autograd graph: at MAR-B,
+    64 images and K = 64 a graph would keep every transformer activation of every AR step (bench.py --dry-run
+    measures this function at the paper's sizes)."""
+    with torch.autocast(labels.device.type, dtype=AUTOCAST[precision], enabled=precision != "fp32"):
+        latents = model.sample_tokens(len(labels), num_iter=args.num_iter, cfg=args.cfg,
+                                      cfg_schedule=args.cfg_schedule, labels=labels, temperature=args.temperature,
+                                      num_diffusion_steps=args.num_diffusion_steps, one_step=args.one_step,
+                                      generator=gens, clip_denoised=None if args.one_step else tokenizer.x0_bound)
+        return tokenizer.decode(latents.float())
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
@@ -142,13 +155,7 @@ def main(argv=None):
         if not idx:
             continue
         gens = [torch.Generator(device).manual_seed(args.seed * 1_000_003 + i) for i in idx]  # one per image
-        with torch.autocast(device.type, dtype=AUTOCAST[precision], enabled=precision != "fp32"):
-            latents = model.sample_tokens(len(idx), num_iter=args.num_iter, cfg=args.cfg,
-                                          cfg_schedule=args.cfg_schedule, labels=labels[idx].to(device),
-                                          temperature=args.temperature, num_diffusion_steps=args.num_diffusion_steps,
-                                          one_step=args.one_step, generator=gens,
-                                          clip_denoised=None if args.one_step else tokenizer.x0_bound)
-            images = tokenizer.decode(latents.float())
+        images = generate(model, tokenizer, labels[idx].to(device), gens, args, precision)
         for i, img in zip(idx, to_uint8(images).numpy()):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(os.path.join(img_dir, f"{i:05d}.png"))
         done += len(idx)

@@ -65,6 +65,33 @@ def head_overrides(args):
                                   diffusion_batch_mul=args.diffusion_batch_mul).items() if v is not None}
 
 
+def build_optimizer(model, lr, weight_decay):
+    """MAR's AdamW (betas 0.9, 0.95), weight decay on the matrices outside the diffusion head only (no biases,
+    norms, embeddings of rank 1, or head weights)."""
+    decays = lambda n, p: p.ndim > 1 and not n.endswith(".bias") and "diffloss" not in n
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def train_step(model, opt, latents, labels, gen, precision="fp32", grad_clip=3.0, mask_ratio=None):
+    """One optimizer step of MAR's loss (MAR arXiv:2406.11838 Eq. 1 over the masked tokens): forward under bf16
+    autocast if asked, backward (DDP averages the gradients over ranks there), gradient clipping, AdamW.
+
+    model: the MAR (or its DDP wrapper); latents (B, C, H, W) MAR-scaled; labels (B,); gen: this step's generator
+    (orders, mask ratio, label dropout, t and noise); mask_ratio: force one (bench.py's dry run: the worst case).
+    Returns (loss, grad norm) as 0-d tensors: the caller reads them (a host copy) when it logs.
+    """
+    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = model(latents, labels, generator=gen, mask_ratio=mask_ratio)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.detach(), grad_norm
+
+
 def lr_at(step, total, warmup, base, schedule, min_lr):
     """Linear warmup from 0, then constant or half-cosine to min_lr (MAR util/lr_sched.py, counted in steps)."""
     if step < warmup:
@@ -174,13 +201,8 @@ def main(argv=None):
     n_head = sum(p.numel() for p in model.diffloss.parameters())
     common.print0(f"MAR: {n_params / 1e6:.2f}M parameters ({n_head / 1e6:.2f}M"
                f" in the head); {total_steps} steps of {args.global_batch_size} ({args.epochs} epochs)")
-    # MAR's weight decay: only matrices outside the diffusion head (no biases, norms, or head weights)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias") and "diffloss" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and not n.endswith(".bias")
-                                                                and "diffloss" not in n)]
     base_lr = args.lr if args.lr is not None else args.blr * args.global_batch_size / 256
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=base_lr, betas=(0.9, 0.95))
+    opt = build_optimizer(model, base_lr, args.weight_decay)
     step = 0
     if args.resume and os.path.exists(ckpt_path):
         ck = mar.read_checkpoint(ckpt_path)
@@ -218,17 +240,12 @@ def main(argv=None):
             lr = lr_at(step, total_steps, warmup_steps, base_lr, args.lr_schedule, args.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = ddp(latents, yb, generator=gen)
+            loss, grad_norm = train_step(ddp, opt, latents, yb, gen, precision, args.grad_clip)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; the last checkpoint is kept")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # DDP averages the gradients over ranks here
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
             step += 1
             common.update_ema(ema, model, common.ema_decay(args.ema_rate, step, args.ema_warmup))
-            log.add({"loss": loss.item(), "grad_norm": float(grad_norm)})
+            log.add({"loss": loss, "grad_norm": grad_norm})
             if step % args.log_every == 0 or step == last:
                 log.flush(step, total=last, lr=lr)
             if step % args.save_every == 0 or step == last:

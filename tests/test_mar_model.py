@@ -38,7 +38,7 @@ def test_random_masking_counts():
     m = small()
     orders = m.sample_orders(5, torch.Generator().manual_seed(0))
     assert all(sorted(o.tolist()) == list(range(16)) for o in orders)
-    mask = m.random_masking(orders, mask_ratio=0.7)
+    mask = m.random_masking(orders, m.num_masked(0.7))
     assert mask.sum(1).tolist() == [12.0] * 5  # ceil(16 * 0.7) = 12, the same in every row
     assert torch.all(mask.gather(1, orders[:, :12]) == 1)  # the first positions of each order are masked
 
@@ -57,7 +57,7 @@ def test_training_loss_is_masked_mean_of_per_row_terms():
     g = torch.Generator().manual_seed(7)
     gt = m.patchify(x)
     orders = m.sample_orders(3, g)
-    mask = m.random_masking(orders, generator=g)
+    mask = m.random_masking(orders, m.num_masked(generator=g))
     z = m.conditions(gt, mask, m.class_emb(y), g).reshape(-1, 64).repeat(2, 1)
     target, w = gt.reshape(-1, 16).repeat(2, 1), mask.reshape(-1).repeat(2)
     t = torch.randint(0, 1000, (len(target),), generator=g)

@@ -39,7 +39,7 @@ def tiny_generator_and_vae():
 
 @pytest.mark.parametrize("kind", ["pickscore", "clip"])
 def test_reward_gradient_reaches_the_generator(kind, pickscore_dirs, open_clip_file):
-    reward = evaluate.PickScoreReward(*pickscore_dirs) if kind == "pickscore" else evaluate.ClipReward(*open_clip_file)
+    reward = evaluate.PickScoreReward.from_dirs(*pickscore_dirs) if kind == "pickscore" else evaluate.ClipReward(*open_clip_file)
     model, tok = tiny_generator_and_vae()
     labels = torch.tensor([1, 207])
     latents = model.sample_tokens(2, num_iter=2, labels=labels, one_step=True, checkpoint_steps=True,
@@ -56,7 +56,7 @@ def test_reward_gradient_reaches_the_generator(kind, pickscore_dirs, open_clip_f
 
 def test_reward_loaders_refuse_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloaded"):
-        evaluate.PickScoreReward(str(tmp_path / "nope"), str(tmp_path / "nope"))
+        evaluate.PickScoreReward.from_dirs(str(tmp_path / "nope"), str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         evaluate.ClipReward("ViT-B-32", str(tmp_path / "nope.pt"))
 

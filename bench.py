@@ -10,9 +10,9 @@ architecture, batch and K:
 CPU by default (threads: torch's default, printed), CUDA when present with bf16 autocast.
 
 --dry-run: ONE real step of every stage of `--model` at the settings of its README command, on fake tensors (shapes,
-no storage): teacher training (64 per GPU), GSIM (64 per GPU, mask ratio 1) with and without --grad-checkpointing,
-RL (2 per GPU, K = 64, the KL-16 decoder and PickScore's ViT-H/14 in the graph), teacher sampling (K = 256, CFG) and
-student sampling (K = 64 and 128) at sample.py's batch, and the FID Inception at evaluate.py's batch. Each stage runs
+no storage): teacher training and GSIM (64 per GPU, mask ratio 1) with and without --grad-checkpointing, RL (2 per
+GPU, K = 64, the KL-16 decoder and PickScore's ViT-H/14 in the graph), teacher sampling (K = 256, CFG) and student
+sampling (K = 64 and 128) at sample.py's batch, and the FID Inception at evaluate.py's batch. Each stage runs
 the function its script runs (train_mar.train_step, distill_gsim.gsim_step, rl_refine.rl_step, sample.generate), and
 the table gives, per GPU, the parameters, gradients, optimizer state and activations held at the peak, the peak, and
 whether it fits an 80 GB GPU (what the count leaves out: see LiveMemory's section). Minutes per model on 2 CPU cores:
@@ -29,6 +29,7 @@ steps per AR step (with no graph kept, the head steps reuse the same memory: the
     python bench.py --launch-counts --model mar_base --json launches_b.json
 """
 import argparse
+import copy
 import itertools
 import time
 import weakref
@@ -162,6 +163,9 @@ class LiveMemory(TorchDispatchMode):
                 if p.requires_grad:
                     p.register_post_accumulate_grad_hook(lambda p: self.track(p.grad, "gradients"))
         for opt in optimizers:  # states created inside step() are the optimizer's; its temporaries die inside it
+            for t in pytree.tree_leaves(list(opt.state.values())):
+                if isinstance(t, torch.Tensor):
+                    self.track(t, "optimizer")
             opt.register_step_pre_hook(lambda *_: setattr(self, "kind", "optimizer"))
             opt.register_step_post_hook(lambda *_: setattr(self, "kind", "activations"))
 
@@ -187,7 +191,7 @@ class LiveMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and (self.kind == "optimizer" or t.untyped_storage()._cdata not in self.live):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.live:  # in-place: counted
                 self.track(t, self.kind)
         return out
 
@@ -200,6 +204,17 @@ def _like_gpu(opt):
     return opt
 
 
+def _steady_state(optimizers):
+    """Create the optimizers' states (a step on zero gradients): every step after a run's first holds them through
+    its forward and backward, so the dry run counts such a step."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def _gens(n):
     return [torch.Generator().manual_seed(i) for i in range(n)]
 
@@ -210,16 +225,19 @@ def _kl16():
 
 
 def _stage_train(name, opts):
-    """train_mar.py's step at MAR's 64 images per GPU, mask ratio `opts["mask_ratio"]`."""
+    """train_mar.py's step at MAR's 64 images per GPU, mask ratio `opts["mask_ratio"]`, with --grad-checkpointing
+    when `opts["ckpt"]`."""
     import train_mar
-    args = train_mar.get_args(["--model", name, "--cached-path", "-", "--out-dir", "-"])
+    flags = ["--grad-checkpointing"] if opts["ckpt"] else []
+    args = train_mar.get_args(["--model", name, "--cached-path", "-", "--out-dir", "-"] + flags)
     model = train_mar.build_model(args).train()
+    ema = copy.deepcopy(model).requires_grad_(False)  # train_mar.py keeps an EMA of the whole model
     opt = _like_gpu(train_mar.build_optimizer(model, 1e-4, args.weight_decay))
     B = args.global_batch_size // 32  # MAR's recipe: 2048 on 32 GPUs (README: 512 on 8), 64 per GPU
     latents, labels = torch.randn(B, model.vae_embed_dim, model.seq_h, model.seq_w), torch.arange(B)
     run = lambda: train_mar.train_step(model, opt, latents, labels, torch.Generator().manual_seed(0), "bf16",
                                        args.grad_clip, mask_ratio=opts["mask_ratio"])
-    return run, [model], [opt], B, None
+    return run, [model, ema], [opt], B, None
 
 
 def _stage_gsim(name, opts):
@@ -232,8 +250,9 @@ def _stage_gsim(name, opts):
     student, head, ema, aux, _, opt_g, opt_a = distill_gsim.build_gsim(teacher, args)
     B = args.global_batch_size // 8
     latents, labels = torch.randn(B, teacher.vae_embed_dim, teacher.seq_h, teacher.seq_w), torch.arange(B)
+    opt_g, opt_a = _like_gpu(opt_g), _like_gpu(opt_a)
     run = lambda: distill_gsim.gsim_step(teacher=teacher, student_head=head, aux=aux, latents=latents, labels=labels,
-                                         opt_g=_like_gpu(opt_g), opt_a=_like_gpu(opt_a), args=args,
+                                         opt_g=opt_g, opt_a=opt_a, args=args,
                                          gen=torch.Generator().manual_seed(0), trainable=list(head.parameters()),
                                          precision="bf16", student=student)
     return run, [teacher, head, ema, aux], [opt_g, opt_a], B, None
@@ -242,7 +261,6 @@ def _stage_gsim(name, opts):
 def _stage_rl(name, opts):
     """rl_refine.py's step at the paper's 2 per GPU: K AR steps of the one-step head with gradients (each step
     checkpointed), the KL-16 decoder and PickScore's ViT-H/14, backward, AdamW."""
-    import copy
     import rl_refine
     from transformers import BatchEncoding, CLIPConfig, CLIPModel
     args = rl_refine.get_args(["--student", "-", "--vae", "-", "--out-dir", "-", "--model", name,
@@ -288,7 +306,7 @@ def _stage_inception(name, opts):
     return run, [net], [], B, None
 
 
-STAGES = {"train": _stage_train, "gsim": _stage_gsim, "gsim_ckpt": _stage_gsim, "rl": _stage_rl,
+STAGES = {"train": _stage_train, "train_ckpt": _stage_train, "gsim": _stage_gsim, "gsim_ckpt": _stage_gsim, "rl": _stage_rl,
           "sample_teacher": _stage_sample, "sample_student": _stage_sample, "inception": _stage_inception}
 
 
@@ -298,8 +316,9 @@ def dry_stage(stage, name, **opts):
     with FakeTensorMode() as mode:
         mode.__deepcopy__ = lambda memo: mode  # copy.deepcopy of a fake module (EMA, reference) keeps this mode
         torch.manual_seed(0)
-        run, modules, opts_, batch, num_iter = STAGES[stage](name, opts)
-        meter = LiveMemory(modules, opts_)
+        run, modules, optimizers, batch, num_iter = STAGES[stage](name, opts)
+        _steady_state(optimizers)
+        meter = LiveMemory(modules, optimizers)
         with meter:
             run()
     row = {"stage": stage, "per_gpu_batch": batch, "num_iter": num_iter}
@@ -311,7 +330,8 @@ def dry_stage(stage, name, **opts):
 def dry_run(args):
     """The dry-run table of `args.model`: every stage at the settings of its README command."""
     K = args.num_iter  # None: each sampling stage's own K
-    plan = [("train", dict(mask_ratio=1.0)), ("gsim", dict(ckpt=False)), ("gsim_ckpt", dict(ckpt=True)),
+    plan = [("train", dict(mask_ratio=1.0, ckpt=False)), ("train_ckpt", dict(mask_ratio=1.0, ckpt=True)),
+            ("gsim", dict(ckpt=False)), ("gsim_ckpt", dict(ckpt=True)),
             ("rl", dict(num_iter=args.rl_num_iter)),
             ("sample_teacher", dict(student=False, num_iter=K or 256, head_steps=args.head_steps)),
             ("sample_student", dict(student=True, num_iter=K or 64)),
@@ -359,6 +379,8 @@ def launch_counts(name, cfg):
         model, label = mar.PRESETS[name]().eval(), torch.tensor([1])
 
         def count(**kw):
+            if "num_diffusion_steps" in kw:  # the respaced process is built once, on first use: not per image
+                model.diffloss.gen_diffusion(kw["num_diffusion_steps"])
             with torch.no_grad(), LaunchCount() as c:
                 model.sample_tokens(1, labels=label, generator=torch.Generator().manual_seed(0), **kw)
             return c.n
@@ -367,7 +389,7 @@ def launch_counts(name, cfg):
         student = lambda K: count(num_iter=K, one_step=True)
         t22, t24, t42, s2, s4 = teacher(2, 2), teacher(2, 4), teacher(4, 2), student(2), student(4)
         c = (t24 - t22) // 4                   # one head step (guided: CFG on eps) + one reverse-diffusion update
-        b = (t42 - t22) // 2 - 2 * c           # the rest of a teacher AR step: transformer (doubled batch), noise, writes
+        b = (t42 - t22) // 2 - 2 * c           # the rest of a teacher AR step: transformer (CFG batch), noise, writes
         a = t22 - 2 * b - 4 * c                # once per image: orders, buffers, unpatchify
         bs = (s4 - s2) // 2                    # a student AR step: transformer, one head call, writes
         as_ = s2 - 2 * bs
@@ -386,18 +408,19 @@ def main(argv=None):
     p.add_argument("--model", default="mar_tiny", choices=list(mar.PRESETS) + ["toy"])
     p.add_argument("--json", default=None)
     g = p.add_argument_group("speed (default)")
-    g.add_argument("--batch", type=int, default=1)
-    g.add_argument("--num-iter", type=int, default=None,
+    g.add_argument("--batch", type=common.COUNT, default=1)
+    g.add_argument("--num-iter", type=common.COUNT, default=None,
                    help="AR iterations K (speed: default 16; --dry-run: overrides every sampling stage's K)")
-    g.add_argument("--cfg", type=float, default=2.9, help="teacher CFG (MAR-B 2.9, L 3.0, H 3.2)")
-    g.add_argument("--num-diffusion-steps", type=int, default=100)
-    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--cfg", type=common.NONNEG, default=2.9, help="teacher CFG (MAR-B 2.9, L 3.0, H 3.2)")
+    g.add_argument("--num-diffusion-steps", type=common.COUNT, default=100)
+    g.add_argument("--repeats", type=common.COUNT, default=3)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g = p.add_argument_group("dry run (fake tensors, the paper's sizes)")
     g.add_argument("--dry-run", action="store_true", help="one step of every stage of --model, memory per GPU")
     g.add_argument("--stages", nargs="+", choices=list(STAGES), default=None, help="only these stages")
-    g.add_argument("--rl-num-iter", type=int, default=64, help="K of the RL step (paper: 64)")
-    g.add_argument("--head-steps", type=int, default=2, help="reverse head steps run per AR step in teacher sampling")
+    g.add_argument("--rl-num-iter", type=common.COUNT, default=64, help="K of the RL step (paper: 64)")
+    g.add_argument("--head-steps", type=common.COUNT, default=2,
+                   help="reverse head steps run per AR step in teacher sampling")
     g = p.add_argument_group("launch counts")
     g.add_argument("--launch-counts", action="store_true", help="kernel launches per image at batch 1")
     args = p.parse_args(argv)
@@ -413,4 +436,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -10,6 +10,8 @@ them (nanochat keeps `gpt.py` apart from `common.py` the same way):
   - `assert_ranks_agree`: the end-of-run check that every rank holds rank 0's weights.
   - `is_main` / `print0` / `RunLog`: output on rank 0 only (one line per log interval, plus OUT_DIR/log.jsonl).
   - `start_run`: the common start of a stage (process group, per-rank batch, output folder).
+  - `UsageError`, `cli`, `number`, `input_path`, `reading`, `claim_out_dir`: a user's mistake is caught before any
+    work and ends as one line on stderr with exit status 2, and no run writes over a checkpoint it did not make.
   - `save_checkpoint`: atomic writes (temporary file, then rename). Reading lives in mar.py (`read_checkpoint`).
   - `ema_decay` / `update_ema`: the EMA of the weights that every tool loads.
   - `step_seed`: one seed per (run, rank, step), which makes resume exact without saving RNG state.
@@ -18,9 +20,15 @@ them (nanochat keeps `gpt.py` apart from `common.py` the same way):
 
 Every function depends only on torch and its arguments; copy any one of them on its own.
 """
+import argparse
+import contextlib
 import json
+import math
 import os
+import pickle
+import sys
 import time
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -97,6 +105,89 @@ def assert_ranks_agree(model):
     print0(f"ranks agree: all {dist.get_world_size()} processes hold identical weights ({len(params)} tensors)")
 
 
+# ==== Command-line checks: a user's mistake is one line on stderr and exit status 2 ================================
+
+class UsageError(Exception):
+    """A mistake in a command line or in a file it names (not a bug in the code). `cli` prints it as one line."""
+
+
+def cli(main):
+    """Run a script's main(): a UsageError ends as `script.py: error: ...` on stderr with exit status 2, as argparse's
+    own errors do (a traceback is for bugs)."""
+    try:
+        main()
+    except UsageError as e:
+        sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {e}\n")
+        sys.exit(2)
+
+
+def number(kind=int, low=None, high=None, low_open=False):
+    """An argparse type: a finite `kind` (int or float) in [low, high], low itself excluded when `low_open`.
+    number(int, 1) is a count, number(float, 0, low_open=True) a learning rate."""
+    bounds = " and ".join(b for b in (low is not None and f"{'>' if low_open else '>='} {low}",
+                                      high is not None and f"<= {high}") if b)
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
+                or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {noun} {bounds}")
+        return value
+
+    parse.__name__ = noun  # argparse names the type in its messages
+    return parse
+
+
+# The ranges most flags take.
+COUNT, COUNT0 = number(int, 1), number(int, 0)                         # >= 1 (sizes, steps), >= 0 (0: off)
+POSITIVE, NONNEG = number(float, 0, low_open=True), number(float, 0)   # > 0 (rates), >= 0 (weights, scales)
+FRACTION = number(float, 0, 1)                                          # [0, 1] (probabilities, EMA rates)
+
+
+def input_path(flag, path, what, folder=False):
+    """UsageError unless `path` exists and is a file (or a folder with folder=True): `what` says what to give."""
+    kind = "folder" if folder else "file"
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such {kind}; give {what} (weights and data are never downloaded)")
+    if os.path.isdir(path) != folder:
+        raise UsageError(f"{flag} {path} is a {'file' if folder else 'folder'}; give {what} (a {kind})")
+    return path
+
+
+@contextlib.contextmanager
+def reading(flag, path):
+    """Errors raised while reading the file a flag names (missing, truncated, not a checkpoint, the wrong model)
+    become a UsageError that names the flag and the file."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"{flag} {path}: {first}") from None
+
+
+def claim_out_dir(out_dir, resume=False, overwrite=False, inputs=(), writes=("checkpoint-last.pth",)):
+    """Check, before any work, that a run may write its checkpoints into `out_dir`: never into a file it reads
+    (`inputs`: (flag, path) pairs), and never over a checkpoint it did not make unless told to continue it
+    (--resume) or to replace it (--overwrite)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--out-dir {out_dir} is a file; give a folder for the checkpoints and log.jsonl")
+    targets = [os.path.join(out_dir, name) for name in writes]
+    for flag, path in inputs:
+        if path and any(os.path.exists(t) and os.path.exists(path) and os.path.samefile(path, t) for t in targets):
+            raise UsageError(f"{flag} {path} is a checkpoint this run would write in --out-dir {out_dir}; "
+                             "give another --out-dir (a run never writes into its own input)")
+    held = [t for t in targets if os.path.exists(t)]
+    if held and not (resume or overwrite):
+        raise UsageError(f"--out-dir {out_dir} already holds {os.path.basename(held[0])}: pass --resume to continue "
+                         "that run, --overwrite to start over and replace it, or give another --out-dir")
+
+
 # ==== Output on rank 0: print, the start of a run, the run log ===================================================
 
 def is_main():
@@ -109,13 +200,15 @@ def print0(*args, **kw):
         print(*args, **kw, flush=True)
 
 
-def start_run(args):
-    """The common start of every stage: process group, per-rank batch (asserted to divide), output folder.
-    Returns (rank, world, device, per-rank batch)."""
+def start_run(args, inputs=()):
+    """The common start of every training stage: the output folder may take this run's checkpoints (`claim_out_dir`:
+    `inputs` are the (flag, path) pairs the run reads), then the process group and the per-rank batch (which must
+    divide). Returns (rank, world, device, per-rank batch). The folder itself is made when the run log opens."""
+    claim_out_dir(args.out_dir, args.resume, args.overwrite, inputs, ("checkpoint-last.pth", "checkpoint-best.pth"))
     rank, world, device = setup_distributed(args.device)
     if args.global_batch_size % world:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
-    os.makedirs(args.out_dir, exist_ok=True)
+        raise UsageError(f"--global-batch-size {args.global_batch_size} does not divide among {world} processes; "
+                         "give a multiple of the process count")
     print0(f"out dir: {os.path.abspath(args.out_dir)}; {world} process(es) on {device}, "
            f"batch {args.global_batch_size // world} each")
     return rank, world, device, args.global_batch_size // world
@@ -128,6 +221,7 @@ class RunLog:
     def __init__(self, out_dir, total, initial, desc, batch=None):
         self.on, self.batch, self.window, self.t0 = is_main(), batch, [], time.time()
         if self.on:
+            os.makedirs(out_dir, exist_ok=True)
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
             self.file = open(os.path.join(out_dir, "log.jsonl"), "a")
 

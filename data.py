@@ -63,19 +63,38 @@ def find_images(root):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """(image (3, S, S) in [-1, 1], class index). `flip`: random horizontal flip (training)."""
+    """(image (3, S, S) in [-1, 1], class index). `flip`: random horizontal flip (training). `skip_bad`: an image
+    that cannot be read (truncated, not an image) is reported by path and replaced by the next readable one, instead
+    of ending the run (`--bad-images skip`; `check` finds them all before training, `check_images`)."""
 
-    def __init__(self, root, image_size=256, flip=True):
+    def __init__(self, root, image_size=256, flip=True, skip_bad=False):
         self.classes, self.items = find_images(root)
-        self.image_size, self.flip = image_size, flip
+        self.image_size, self.flip, self.skip_bad = image_size, flip, skip_bad
 
     def __len__(self):
         return len(self.items)
 
+    def read(self, i):
+        """The decoded, center-cropped image of item i, or an error that names its file."""
+        path, _ = self.items[i]
+        try:
+            with Image.open(path) as im:
+                return center_crop_arr(im.convert("RGB"), self.image_size)
+        except (OSError, ValueError) as e:  # PIL: truncated file, unidentified format
+            raise ValueError(f"cannot read image {path!r} ({e}); pass --bad-images skip to skip such files") from None
+
     def load(self, i):
-        path, label = self.items[i]
-        with Image.open(path) as im:
-            img = center_crop_arr(im.convert("RGB"), self.image_size)
+        for j in range(len(self.items)):  # with skip_bad, the next readable item stands in (reported)
+            try:
+                img = self.read((i + j) % len(self.items))
+                break
+            except ValueError as e:
+                if not self.skip_bad:
+                    raise
+                print(f"skipped: {str(e).split(';')[0]}", flush=True)
+        else:
+            raise ValueError(f"none of the {len(self.items)} images can be read")
+        label = self.items[(i + j) % len(self.items)][1]
         x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, S, S) in [-1, 1]
         return x, label
 
@@ -256,15 +275,53 @@ def training_source(args, device, toy_tok=None):
     if getattr(args, "preset", None) == "toy":
         dataset, to_latents = torch.utils.data.TensorDataset(*toy_digits("train")), toy_tok.encode
     elif args.cached_path:
-        dataset, to_latents = CachedLatents(args.cached_path), Tokenizer(None).latents_from_moments
+        with common.reading("--cached-path", args.cached_path):
+            dataset, to_latents = CachedLatents(args.cached_path), Tokenizer(None).latents_from_moments
     else:
         import vae as vae_lib
-        tok = Tokenizer(vae_lib.load_vae(args.vae).to(device).requires_grad_(False))
-        dataset, to_latents = ImageFolder(args.data_path, args.img_size, flip=True), tok.encode
+        with common.reading("--vae", args.vae):
+            tok = Tokenizer(vae_lib.load_vae(args.vae).to(device).requires_grad_(False))
+        with common.reading("--data-path", args.data_path):
+            dataset = ImageFolder(args.data_path, args.img_size, flip=True, skip_bad=args.bad_images == "skip")
+            if args.bad_images == "check":
+                check_images(dataset)
+        to_latents = tok.encode
     steps = len(dataset) // args.global_batch_size
     if steps == 0:
-        raise ValueError(f"{len(dataset)} training items are fewer than one global batch ({args.global_batch_size})")
+        raise common.UsageError(f"--global-batch-size {args.global_batch_size} is more than the {len(dataset)} "
+                                "training items: give a smaller batch or more data")
     return dataset, to_latents, steps
+
+
+def check_images(dataset, workers=8):
+    """Decode every image of an ImageFolder (threads: PIL releases the GIL while decoding); an error that names up to
+    five unreadable files and how many there are."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def bad(i):
+        try:
+            dataset.read(i)
+        except ValueError:
+            return dataset.items[i][0]
+
+    with ThreadPoolExecutor(workers) as pool:
+        found = [p for p in pool.map(bad, range(len(dataset)), chunksize=256) if p]
+    if found:
+        raise ValueError(f"{len(found)} unreadable image(s), e.g. {found[:5]}: remove or replace them, or pass "
+                         "--bad-images skip")
+
+
+def check_source(args):
+    """Before any work: the data flags of a training stage name what they should (folders and files that exist)."""
+    if getattr(args, "preset", None) == "toy":
+        return
+    if args.cached_path:
+        common.input_path("--cached-path", args.cached_path, "the latent cache folder of `python data.py cache`",
+                          folder=True)
+    else:
+        common.input_path("--data-path", args.data_path, "a class-folder image tree (ImageNet: its train folder)",
+                          folder=True)
+        common.input_path("--vae", args.vae, "the local kl16.ckpt")
 
 
 def epoch_batches(n_items, global_batch, world, rank, seed, epoch):
@@ -330,13 +387,21 @@ def main():
     c.add_argument("--data-path", required=True, help="ROOT/<class>/<image> (ImageNet: the train folder)")
     c.add_argument("--vae", required=True, help="local path of kl16.ckpt")
     c.add_argument("--out-dir", required=True, help="where the .npz files go (same sub-folders as the images)")
-    c.add_argument("--img-size", type=int, default=256)
-    c.add_argument("--batch-size", type=int, default=64, help="per process")
+    c.add_argument("--img-size", type=common.COUNT, default=256)
+    c.add_argument("--batch-size", type=common.COUNT, default=64, help="per process")
     c.add_argument("--device", default=None, help="cuda if available, else cpu")
     g = sub.add_parser("toy-grid", help="save a grid of real toy digits, one row per class")
     g.add_argument("--out", default="toy_real.png")
     args = p.parse_args()
     if args.cmd == "cache":
+        common.input_path("--data-path", args.data_path, "a class-folder image tree (ImageNet: its train folder)",
+                          folder=True)
+        common.input_path("--vae", args.vae, "the local kl16.ckpt")
+        import vae as vae_lib
+        with common.reading("--vae", args.vae):
+            vae_lib.load_vae(args.vae)
+        with common.reading("--data-path", args.data_path):
+            find_images(args.data_path)
         cache_latents(args)
     else:
         x, y = toy_digits("train")
@@ -347,4 +412,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

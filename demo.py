@@ -185,15 +185,18 @@ def build_parser(description=__doc__, out_dir="runs/demo"):
     """The demo's flags (experiments.py adds its own to the same parser)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=out_dir)
-    p.add_argument("--teacher-epochs", type=int, default=150, help="toy epochs of 21 steps (train_mar's own: 380)")
-    p.add_argument("--distill-epochs", type=int, default=20, help="20 fits the demo's ten minutes (student 0.90x "
+    p.add_argument("--teacher-epochs", type=common.COUNT, default=150,
+                   help="toy epochs of 21 steps (train_mar's own: 380)")
+    p.add_argument("--distill-epochs", type=common.COUNT, default=20,
+                   help="20 fits the demo's ten minutes (student 0.90x "
                    "its teacher); distill_gsim.py's and experiments.py's toy default 30 (0.80x) costs ~50 s more")
-    p.add_argument("--rl-steps", type=int, default=150)
-    p.add_argument("--teacher-cfg", type=float, default=1.2, help="the guided teacher GSIM distills (MAR convention)")
-    p.add_argument("--num-iter", type=int, default=4, help="AR iterations K for evaluation")
-    p.add_argument("--eval-images", type=int, default=400, help="digits per seed set (a multiple of 10)")
-    p.add_argument("--rl-eval-images", type=int, default=400)
-    p.add_argument("--timing-images", type=int, default=200, help="images per timed sampling call")
+    p.add_argument("--rl-steps", type=common.COUNT, default=150)
+    p.add_argument("--teacher-cfg", type=common.NONNEG, default=1.2,
+                   help="the guided teacher GSIM distills (MAR convention)")
+    p.add_argument("--num-iter", type=common.COUNT, default=4, help="AR iterations K for evaluation")
+    p.add_argument("--eval-images", type=common.COUNT, default=400, help="digits per seed set (a multiple of 10)")
+    p.add_argument("--rl-eval-images", type=common.COUNT, default=400)
+    p.add_argument("--timing-images", type=common.COUNT, default=200, help="images per timed sampling call")
     p.add_argument("--teacher-args", default="", help="extra flags for train_mar.py, one string: "
                                                             "--teacher-args='--lr 1e-3'")
     p.add_argument("--distill-args", default="", help="extra flags for distill_gsim.py, one string")
@@ -224,4 +227,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

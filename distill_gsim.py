@@ -25,7 +25,7 @@ step, args), log.jsonl, and for the toy eval.json (teacher vs student toy FID / 
     # toy, CPU, a few minutes (after train_mar.py --preset toy)
     python distill_gsim.py --preset toy --teacher runs/toy_teacher/checkpoint-last.pth --out-dir runs/toy_student
     # ImageNet, 8 GPUs (paper: 64 per GPU on 8 GPUs, 30 epochs). --grad-checkpointing keeps MAR-H at 64 per GPU
-    # within an 80 GB GPU (README "Memory of a GSIM step": ~31 GiB predicted, fp32 measurement)
+    # within an 80 GB GPU (README, "Memory at the paper's sizes": the dry run of this step)
     torchrun --nproc_per_node=8 distill_gsim.py --teacher mar_huge/checkpoint-last.pth --vae kl16.ckpt \
         --data-path IMAGENET/train --model mar_huge --grad-checkpointing --out-dir runs/marval_huge
     # 1 GPU: the same 64 per GPU (the global batch is per GPU x GPUs)
@@ -70,6 +70,7 @@ import torch.nn.functional as F
 
 import data
 import common
+import evaluate
 import mar
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def gsim_step(*, teacher, student_head, aux, latents, labels, opt_g, opt_a, args
     t = mar.randint(args.t_min, args.t_max + 1, (len(x0),), gen, device)
     eps = mar.randn(x0.shape, gen, device)
     x_t = diff.q_sample(x0, t, eps)                                                   # (mN, C)
-    sigma = (1 - diff.alphas_cumprod.to(device)[t]).sqrt().float()                    # (mN,)
+    sigma = (1 - diff.table("alphas_cumprod", device)[t]).sqrt().float()              # (mN,)
     # 4. generator loss: teacher and aux parameters frozen, their inputs NOT detached (gradients flow via x_t)
     aux.requires_grad_(False)
     # The target's CFG scale (note 1). "constant": --teacher-cfg for every context (the paper gives one scale).
@@ -222,7 +223,8 @@ def build_gsim(teacher, args):
     trainable parameters, generator optimizer, aux optimizer). Head-only (default) keeps no copy of the transformer:
     the student is the teacher's transformer + the student head, and its EMA is an EMA of the head alone."""
     # Block checkpointing of all three heads: each keeps its activations for the backward through x_t otherwise
-    # (MAR-H at 64 per GPU: DESIGN 11, README "Memory"). The frozen transformer runs without grad: nothing to keep.
+    # (MAR-H at 64 per GPU: README, "Memory at the paper's sizes"). The frozen transformer runs without grad:
+    # nothing to keep.
     teacher.diffloss.net.grad_checkpointing = args.grad_checkpointing
     if args.train_transformer:
         student = copy.deepcopy(teacher).requires_grad_(True)
@@ -272,46 +274,55 @@ def get_args(argv=None):
     g.add_argument("--teacher", required=True, help="MAR checkpoint (official or train_mar.py's); EMA weights used")
     g.add_argument("--out-dir", default=None, help="--preset toy: runs/toy_student")
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint-last.pth if present")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many generator steps in all")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --out-dir that holds a checkpoint")
+    g.add_argument("--max-steps", type=common.COUNT, default=None, help="stop after this many generator steps in all")
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--device", default=None)
     g = p.add_argument_group("data (as train_mar.py)")
     g.add_argument("--data-path", default=None)
+    g.add_argument("--bad-images", choices=["skip", "check"], default="skip",
+                   help="an unreadable image in --data-path: skip it (each one reported by path) or check every image "
+                        "before training and stop, naming them")
     g.add_argument("--cached-path", default=None)
     g.add_argument("--vae", default=None)
-    g.add_argument("--img-size", type=int, default=256)
-    g.add_argument("--global-batch-size", type=int, default=512, help="paper: 64 per GPU x 8 GPUs")
-    g.add_argument("--num-workers", type=int, default=8)
+    g.add_argument("--img-size", type=common.COUNT, default=256)
+    g.add_argument("--global-batch-size", type=common.COUNT, default=512, help="paper: 64 per GPU x 8 GPUs")
+    g.add_argument("--num-workers", type=common.COUNT0, default=8)
     g = p.add_argument_group("GSIM (paper defaults, MARVAL Table 1)")
-    g.add_argument("--teacher-cfg", type=float, default=1.2, help="MAR-convention CFG of the teacher (see note 1)")
+    g.add_argument("--teacher-cfg", type=common.NONNEG, default=1.2,
+                   help="MAR-convention CFG of the teacher (see note 1)")
     g.add_argument("--teacher-cfg-schedule", choices=["constant", "linear"], default="constant",
                    help="linear: the teacher's scale follows MAR's sampler ramp by the context's mask ratio (note 1)")
-    g.add_argument("--r", type=float, default=1e-5, help="pseudo-Huber constant, score units")
-    g.add_argument("--path-weight", type=float, default=1.0, help="1: GSIM (exact gradient); 0: SIM's loss")
-    g.add_argument("--t-min", type=int, default=20, help="generator loss t range (of 1000)")
-    g.add_argument("--t-max", type=int, default=980)
-    g.add_argument("--time-weight-power", type=float, default=1.0,
+    g.add_argument("--r", type=common.POSITIVE, default=1e-5, help="pseudo-Huber constant, score units")
+    g.add_argument("--path-weight", type=common.NONNEG, default=1.0, help="1: GSIM (exact gradient); 0: SIM's loss")
+    g.add_argument("--t-min", type=common.number(int, 0, 999), default=20, help="generator loss t range (of 1000)")
+    g.add_argument("--t-max", type=common.number(int, 0, 999), default=980)
+    g.add_argument("--time-weight-power", type=common.NONNEG, default=1.0,
                    help="time weight w(t) = sigma_t^p of the score-space loss (1: DESIGN 5.1; toy: 3, note 2)")
-    g.add_argument("--aux-steps", type=int, default=2, help="aux DSM updates per generator update")
-    g.add_argument("--uniform-mask-prob", type=float, default=0.5, help="share of batches with a U(0,1] mask ratio")
-    g.add_argument("--mask-ratio", type=float, default=None, help="force one mask ratio (bench: 1.0, the worst case)")
+    g.add_argument("--aux-steps", type=common.COUNT, default=2,
+                   help="aux DSM updates per generator update (>= 1: the aux net must keep tracking the student)")
+    g.add_argument("--uniform-mask-prob", type=common.FRACTION, default=0.5,
+                   help="share of batches with a U(0,1] mask ratio")
+    g.add_argument("--mask-ratio", type=common.number(float, 0, 1, low_open=True), default=None,
+                   help="force one mask ratio (bench: 1.0, the worst case)")
     g.add_argument("--train-transformer", action="store_true", help="also train a student copy of the transformer")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute head blocks (teacher, student, aux) and student transformer blocks in backward")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=30)
-    g.add_argument("--lr-g", type=float, default=5e-6, help="student lr")
-    g.add_argument("--lr-aux", type=float, default=5e-6, help="auxiliary lr")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.0, 0.999), help="AdamW betas of both (note 6)")
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--ema-rate", type=float, default=0.9999)
+    g.add_argument("--epochs", type=common.COUNT, default=30)
+    g.add_argument("--lr-g", type=common.POSITIVE, default=5e-6, help="student lr")
+    g.add_argument("--lr-aux", type=common.POSITIVE, default=5e-6, help="auxiliary lr")
+    g.add_argument("--betas", type=common.FRACTION, nargs=2, default=(0.0, 0.999), help="AdamW betas of both (note 6)")
+    g.add_argument("--grad-clip", type=common.POSITIVE, default=1.0)
+    g.add_argument("--ema-rate", type=common.FRACTION, default=0.9999)
     g.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     g = p.add_argument_group("logging and evaluation (toy)")
-    g.add_argument("--log-every", type=int, default=100)
-    g.add_argument("--save-every", type=int, default=2000)
-    g.add_argument("--eval-every", type=int, default=0, help="toy: score the student every N steps (0: at the end)")
-    g.add_argument("--eval-images", type=int, default=400)
-    g.add_argument("--eval-num-iter", type=int, default=4)
+    g.add_argument("--log-every", type=common.COUNT, default=100)
+    g.add_argument("--save-every", type=common.COUNT, default=2000)
+    g.add_argument("--eval-every", type=common.COUNT0, default=0,
+                   help="toy: score the student every N steps (0: at the end)")
+    g.add_argument("--eval-images", type=common.COUNT0, default=400)
+    g.add_argument("--eval-num-iter", type=common.COUNT, default=4)
     g.add_argument("--classifier", default="runs/toy_classifier.pt")
     args = p.parse_args(argv)
     if args.preset == "toy":
@@ -321,14 +332,14 @@ def get_args(argv=None):
         p.error("give --preset toy, or --data-path (with --vae) or --cached-path")
     if args.data_path and not args.vae and args.preset != "toy":
         p.error("--data-path needs --vae (the local kl16.ckpt) to encode images")
-    if args.aux_steps < 1:
-        p.error("--aux-steps must be >= 1: the auxiliary net must keep tracking the student's distribution")
     if args.mask_ratio is not None and not 0 < args.mask_ratio <= 1:
         p.error("--mask-ratio must be in (0, 1]")
     if not 0 <= args.t_min < args.t_max <= 999:
         p.error("need 0 <= --t-min < --t-max <= 999")
     if args.out_dir is None:
         p.error("--out-dir is required: the folder for checkpoint-last.pth and log.jsonl")
+    if args.preset == "toy" and args.eval_images % 10:
+        p.error(f"--eval-images {args.eval_images} is not a multiple of the 10 digit classes")
     return args
 
 
@@ -339,21 +350,30 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device, bsz = common.start_run(args)
+    common.input_path("--teacher", args.teacher, "the teacher's MAR checkpoint (official or train_mar.py's)")
+    data.check_source(args)
+    rank, world, device, bsz = common.start_run(args, [("--teacher", args.teacher)])
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
-    # -- data (the toy: the latent space of the teacher, the toy VAE saved inside its checkpoint) ---------------------
-    toy_tok = data.toy_tokenizer_of(args.teacher, device) if args.preset == "toy" else None
-    teacher_config = data.toy_config_of(args.teacher) if args.preset == "toy" else None  # the toy size
+    # -- the teacher, read before anything else is done (the toy: its VAE and size are inside its checkpoint) ----------
+    build = (lambda: data.toy_model_of(args.teacher)) if args.preset == "toy" else \
+        (lambda: mar.PRESETS[args.model](img_size=args.img_size))
+    with common.reading("--teacher", args.teacher):
+        teacher = mar.load_mar(args.teacher, build(), use_ema=True, expect="teacher").to(device).eval()
+        toy_tok = data.toy_tokenizer_of(args.teacher, device) if args.preset == "toy" else None
+        teacher_config = data.toy_config_of(args.teacher) if args.preset == "toy" else None  # the toy size
+    teacher.requires_grad_(False)
+    if args.preset == "toy" and args.eval_images > 0 and os.path.exists(args.classifier):
+        with common.reading("--classifier", args.classifier):  # read now, not after the run
+            evaluate.load_toy_classifier(args.classifier)
+
+    # -- data -------------------------------------------------------------------------------------------------------
     dataset, to_latents, steps_per_epoch = data.training_source(args, device, toy_tok)
     total_steps = args.epochs * steps_per_epoch
 
     # -- models: ONE frozen teacher MAR; the student head (and with --train-transformer the student's transformer),
     # its EMA, and the auxiliary head. Head-only keeps no copy of the transformer: the student is saved as the
     # teacher's transformer + the student head, a plain MAR checkpoint.
-    build = (lambda: data.toy_model_of(args.teacher)) if args.preset == "toy" else \
-        (lambda: mar.PRESETS[args.model](img_size=args.img_size))
-    teacher = mar.load_mar(args.teacher, build(), use_ema=True).to(device).eval().requires_grad_(False)
     student, student_head, ema, aux, trainable, opt_g, opt_a = build_gsim(teacher, args)
     common.print0(f"student: {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters "
                f"({'transformer + head' if student else 'head only'}); teacher cfg {args.teacher_cfg}; {precision}, "
@@ -369,19 +389,20 @@ def main(argv=None):
     step = 0
     ckpt_path = os.path.join(args.out_dir, "checkpoint-last.pth")
     if args.resume and os.path.exists(ckpt_path):
-        ck = mar.read_checkpoint(ckpt_path)
-        load_full(student or student_head, ck["model"], ckpt_path)
-        load_full(ema, ck["model_ema"], ckpt_path + " [model_ema]")
-        mar.load_state_dict_strict(aux, ck["aux"], ckpt_path + " [aux]")
-        opt_g.load_state_dict(ck["optimizer"])
-        opt_a.load_state_dict(ck["optimizer_aux"])
-        step = ck["step"]
+        with common.reading("--resume", ckpt_path):
+            ck = mar.read_checkpoint(ckpt_path)
+            load_full(student or student_head, ck["model"], ckpt_path)
+            load_full(ema, ck["model_ema"], ckpt_path + " [model_ema]")
+            mar.load_state_dict_strict(aux, ck["aux"], ckpt_path + " [aux]")
+            opt_g.load_state_dict(ck["optimizer"])
+            opt_a.load_state_dict(ck["optimizer_aux"])
+            step = ck["step"]
         common.print0(f"resumed from {ckpt_path} at step {step}")
 
     def save():
         if common.is_main():
             extra = data.toy_entries(toy_tok, teacher_config) if toy_tok else {}  # passed on to RL and sampling
-            common.save_checkpoint(ckpt_path, {"model": full_state(student or student_head),
+            common.save_checkpoint(ckpt_path, {"kind": "student", "model": full_state(student or student_head),
                                                "model_ema": full_state(ema), "aux": aux.state_dict(),
                                                "optimizer": opt_g.state_dict(), "optimizer_aux": opt_a.state_dict(),
                                                "step": step, "args": vars(args), **extra})
@@ -395,8 +416,7 @@ def main(argv=None):
 
     evaluator = None
     if args.preset == "toy" and common.is_main() and args.eval_images > 0:
-        from evaluate import ToyEvaluator
-        evaluator = ToyEvaluator(args.classifier)
+        evaluator = evaluate.ToyEvaluator(args.classifier)
 
     # -- loop ------------------------------------------------------------------------------------------------------
     last = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
@@ -441,8 +461,8 @@ def main(argv=None):
 
 
 def student_metrics(student, tokenizer, evaluator, args):
-    from evaluate import sample_toy
-    imgs, labels, _ = sample_toy(student, tokenizer, args.eval_images, args.eval_num_iter, one_step=True, seed=10_000)
+    imgs, labels, _ = evaluate.sample_toy(student, tokenizer, args.eval_images, args.eval_num_iter, one_step=True,
+                                          seed=10_000)
     m = evaluator(imgs, labels)
     return {"student_toy_fid": m["toy_fid"], "student_accuracy": m["accuracy"]}
 
@@ -450,11 +470,11 @@ def student_metrics(student, tokenizer, evaluator, args):
 def compare_on_toy(teacher, student, tokenizer, evaluator, args):
     """Same labels, K and image count; the teacher at its distillation CFG with 100 head steps, the student one
     step at cfg 1; both decoded by the toy VAE."""
-    from evaluate import sample_toy
     out = {}
     for who, model, kw in (("teacher", teacher, dict(cfg=args.teacher_cfg)), ("student", student, dict(one_step=True))):
-        sample_toy(model, tokenizer, 20, args.eval_num_iter, **kw)  # warm-up (first-call overheads out of the timing)
-        imgs, labels, sec = sample_toy(model, tokenizer, args.eval_images, args.eval_num_iter, seed=20_000, **kw)
+        evaluate.sample_toy(model, tokenizer, 20, args.eval_num_iter, **kw)  # warm-up: first-call costs out of the timing
+        imgs, labels, sec = evaluate.sample_toy(model, tokenizer, args.eval_images, args.eval_num_iter, seed=20_000,
+                                                **kw)
         common.save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{who}.png"))
         out[who] = dict(evaluator(imgs, labels), sec_per_image=sec)
     out["speedup"] = out["teacher"]["sec_per_image"] / out["student"]["sec_per_image"]
@@ -464,4 +484,4 @@ def compare_on_toy(teacher, student, tokenizer, evaluator, args):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -297,7 +297,8 @@ def load_inception(path):
     sd = {k: v for k, v in sd.items() if "num_batches_tracked" not in k and not k.startswith("AuxLogits.")}
     model = FIDInception()
     sd.update({k: v for k, v in model.state_dict().items() if "num_batches_tracked" in k})
-    mar.load_state_dict_strict(model, sd, f"Inception weights {path!r}")  # names the keys that do not fit
+    mar.load_state_dict_strict(model, sd, f"Inception weights {path!r}",  # names the keys that do not fit
+                               "Give pt_inception-2015-12-05-6726825d.pth (pytorch-fid / torch-fidelity)")
     return model.eval().requires_grad_(False)
 
 
@@ -365,7 +366,8 @@ def load_toy_classifier(path="runs/toy_classifier.pt", kind="cnn", seed=0):
     if os.path.exists(path):
         ck = mar.read_checkpoint(path)
         model = ToyClassifier(ck.get("kind", "cnn"))
-        mar.load_state_dict_strict(model, ck["model"], f"toy classifier {path!r}")
+        mar.load_state_dict_strict(model, ck["model"], f"toy classifier {path!r}",
+                                   "It is a cache: delete it, or give another --classifier, to train a new one")
         return model.eval()
     model, acc = train_toy_classifier(seed=seed, kind=kind)
     common.save_checkpoint(path, {"model": model.state_dict(), "heldout_accuracy": acc, "kind": kind})
@@ -496,7 +498,8 @@ def imagenet_prompts():
 def prompt_table(encode, prompts, chunk=250):
     """(P, D) L2-normalised text features of every prompt, `encode(list of str) -> (n, D)` run in chunks. Computed
     once: a reward then looks a batch's prompts up by label on the labels' device, with no host copy in the step."""
-    return torch.cat([F.normalize(encode(prompts[i: i + chunk]).float(), dim=-1) for i in range(0, len(prompts), chunk)])
+    chunks = [encode(prompts[i: i + chunk]).float() for i in range(0, len(prompts), chunk)]  # (n, D) each
+    return F.normalize(torch.cat(chunks), dim=-1)
 
 
 class PickScoreReward(nn.Module):
@@ -590,8 +593,13 @@ def load_samples(path):
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
         if not files:
             raise ValueError(f"no .png files in {path!r}")
-        arr = np.stack([np.array(Image.open(os.path.join(path, f))) for f in files])
-        labels = None
+        arrays = []
+        for f in files:
+            try:
+                arrays.append(np.array(Image.open(os.path.join(path, f))))
+            except OSError as e:  # truncated or not a PNG: name the file
+                raise ValueError(f"cannot read {os.path.join(path, f)!r} ({e})") from None
+        arr, labels = np.stack(arrays), None
     else:
         with open_npz(path, "samples: arr_0 uint8 (N, H, W, 3) [+ labels]") as d:
             if "arr_0" not in d:
@@ -617,6 +625,8 @@ def reference_stats(path, inception, device, batch, image_shape=None):
         if image_shape is not None and "arr_0" in keys and d["arr_0"].shape[1:3] != tuple(image_shape[:2]):
             raise ValueError(f"samples are {tuple(image_shape[:2])} images but the reference batch {path!r} holds "
                              f"{d['arr_0'].shape[1:3]}: sample at the reference's resolution")
+        if "mu" in keys and d["mu"].shape != (2048,):
+            raise ValueError(f"reference mu has shape {d['mu'].shape}; expected (2048,) Inception pool_3 statistics")
         feats = inception_features(d["arr_0"], inception, device, batch)[0] if "arr_0" in keys else None
         if {"mu", "sigma"} <= keys:
             return d["mu"], d["sigma"], feats
@@ -648,49 +658,65 @@ def main(argv=None):
     p.add_argument("--clip-weights", default=None, help="local open_clip weights file")
     p.add_argument("--pickscore-model", default=None, help="local directory of yuvalkirstain/PickScore_v1")
     p.add_argument("--pickscore-processor", default=None, help="local dir of laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--batch-size", type=common.COUNT, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write the numbers here")
     args = p.parse_args(argv)
-    arr, labels = load_samples(args.samples)
+    if bool(args.clip_model) != bool(args.clip_weights):
+        p.error("the CLIP score needs both --clip-model (an open_clip architecture) and --clip-weights (its file)")
+    if not args.toy and not (args.ref_stats and args.inception_weights):
+        p.error("FID / IS need --ref-stats and --inception-weights (or --toy for the toy digits)")
+    # Every input is read and checked before the first metric is computed.
+    if not os.path.exists(args.samples):
+        raise common.UsageError(f"--samples {args.samples}: no such file or folder; give sample.py's samples.npz "
+                                "or a folder of PNGs")
+    with common.reading("--samples", args.samples):
+        arr, labels = load_samples(args.samples)
     out = {"samples": args.samples, "num_images": len(arr)}
+    if labels is None and (args.toy or args.pickscore_model or args.clip_model):
+        raise common.UsageError(f"--samples {args.samples} holds no class labels, which --toy / --pickscore-model / "
+                                "--clip-model need: give the samples.npz that sample.py writes")
+    scorers = {}
+    if args.pickscore_model:
+        processor = args.pickscore_processor or args.pickscore_model
+        with common.reading("--pickscore-model", args.pickscore_model):
+            scorers["pickscore"] = PickScoreReward.from_dirs(args.pickscore_model, processor)
+    if args.clip_model:
+        with common.reading("--clip-weights", args.clip_weights):
+            scorers["clip_score"] = ClipReward(args.clip_model, args.clip_weights)
     if args.toy:
+        if arr.shape[1:3] != (16, 16):
+            raise common.UsageError(f"--toy scores 16 x 16 digits; --samples {args.samples} holds "
+                                    f"{arr.shape[1]} x {arr.shape[2]} images (drop --toy for ImageNet samples)")
         x = torch.from_numpy(arr[..., :1]).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 1, 16, 16)
-        if labels is None:
-            raise ValueError("toy evaluation needs the labels stored in the .npz")
-        ev = ToyEvaluator(args.classifier)
+        with common.reading("--classifier", args.classifier):
+            ev = ToyEvaluator(args.classifier)
         out.update(ev(x, torch.from_numpy(labels).long()), real_split_fid=ev.real_split_fid())
     else:
-        if not (args.ref_stats and args.inception_weights):
-            p.error("FID / IS need --ref-stats and --inception-weights (or --toy for the toy digits)")
         if len(arr) < 10:
-            raise ValueError(f"{len(arr)} samples are too few for FID / IS (10 splits); FID-50K uses 50,000")
-        inception = load_inception(args.inception_weights).to(args.device)
+            raise common.UsageError(f"--samples {args.samples} holds {len(arr)} images, too few for FID / IS "
+                                    "(10 splits); FID-50K uses 50,000")
+        common.input_path("--inception-weights", args.inception_weights, "pt_inception-2015-12-05-6726825d.pth")
+        common.input_path("--ref-stats", args.ref_stats, "ADM's reference batch (VIRTUAL_imagenet256_labeled.npz)")
+        with common.reading("--inception-weights", args.inception_weights):
+            inception = load_inception(args.inception_weights).to(args.device)
+        with common.reading("--ref-stats", args.ref_stats):
+            mu_r, sigma_r, ref_feats = reference_stats(args.ref_stats, inception, args.device, args.batch_size,
+                                                       arr.shape[1:])
         feats, logits = inception_features(arr, inception, args.device, args.batch_size)
-        mu_r, sigma_r, ref_feats = reference_stats(args.ref_stats, inception, args.device, args.batch_size,
-                                                   arr.shape[1:])
-        if mu_r.shape != (2048,):
-            raise ValueError(f"reference mu has shape {mu_r.shape}; expected (2048,) pool_3 statistics")
         out["fid"] = frechet_distance(*feature_stats(feats), mu_r, sigma_r)
         out["inception_score"], out["inception_score_std"] = inception_score(logits, splits=10)
         if ref_feats is not None:
             out["precision"], out["recall"] = precision_recall(ref_feats, feats, k=3)
-    if args.pickscore_model or args.clip_model:
-        if labels is None:
-            raise ValueError("CLIP score / PickScore need the class labels stored in the .npz")
-        scorers = {}
-        if args.pickscore_model:
-            processor = args.pickscore_processor or args.pickscore_model
-            scorers["pickscore"] = PickScoreReward.from_dirs(args.pickscore_model, processor)
-        if args.clip_model:
-            scorers["clip_score"] = ClipReward(args.clip_model, args.clip_weights)
+    if scorers:
         for name, fn in scorers.items():
             fn = fn.to(args.device)
             vals = []
             with torch.no_grad():
                 for i in range(0, len(arr), args.batch_size):
                     x = torch.from_numpy(arr[i: i + args.batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
-                    vals.append(fn(x.to(args.device), torch.from_numpy(labels[i: i + args.batch_size])).cpu())
+                    y = torch.from_numpy(labels[i: i + args.batch_size]).to(args.device)
+                    vals.append(fn(x.to(args.device), y).cpu())
             out[name] = torch.cat(vals).mean().item()
     return print_and_save(out, args.json)
 
@@ -707,4 +733,4 @@ def print_and_save(out, json_path=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -405,11 +405,13 @@ def write_report(rep, out_dir):
 def main(argv=None):
     p = demo.build_parser(__doc__, "runs/experiments")
     p.add_argument("--cfgs", default="1.0,1.2,1.5,2.0,3.0", help="teacher CFGs of the sweep (comma-separated)")
-    p.add_argument("--sweep-distill-epochs", type=int, default=20, help="distillation epochs of each sweep student")
+    p.add_argument("--sweep-distill-epochs", type=common.COUNT, default=20,
+                   help="distillation epochs of each sweep student")
     p.add_argument("--num-iters", default="1,2,4,8,16", help="AR iterations K of the sweep")
     p.add_argument("--sizes", default="small,base", help=f"toy sizes of the model-size table, from "
                                                           f"{','.join(data.TOY_SIZES)}")
-    p.add_argument("--seed-sets", type=int, default=3, help="evaluation seed sets (demo.EVAL_SEEDS and beyond)")
+    p.add_argument("--seed-sets", type=common.COUNT, default=3,
+                   help="evaluation seed sets (demo.EVAL_SEEDS and beyond)")
     # The student of the headline and the model-size table gets distill_gsim.py's full toy schedule (30 epochs); the
     # demo shortens it to 20 to fit its ten minutes. A demo folder copied in therefore shares only its teacher.
     p.set_defaults(distill_epochs=30)
@@ -476,4 +478,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

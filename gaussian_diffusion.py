@@ -68,7 +68,8 @@ class GaussianDiffusion:
     are recomputed from the kept alpha_bar values, beta'_k = 1 - abar[t_k] / abar[t_{k-1}], and the network is
     always called with the ORIGINAL step t_k. Indices `t` passed to the methods below index this (respaced) process.
 
-    Public arrays (float64 torch): betas, alphas_cumprod, alphas_cumprod_prev, posterior_variance,
+    Public arrays (float64 torch, on the CPU; `table(name, device)` gives each on a device): betas, log_betas,
+    alphas_cumprod, alphas_cumprod_prev, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_variance,
     posterior_log_variance_clipped, posterior_mean_coef1/2; timestep_map (long).
     """
 
@@ -94,28 +95,44 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = T(np.log(clipped))
         self.posterior_mean_coef1 = T(b * np.sqrt(abar_prev) / (1.0 - abar))
         self.posterior_mean_coef2 = T((1.0 - abar_prev) * np.sqrt(1.0 - b) / (1.0 - abar))
+        a = self.alphas_cumprod
+        self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod = 1.0 / a.sqrt(), (1.0 / a - 1).sqrt()
+        self.log_betas = self.betas.log()
+        self._on_device = {}  # (name, device) -> the table on that device
 
-    @staticmethod
-    def _at(arr, t, x):
-        """arr[t] as fp32, shaped (N, 1, ...) to broadcast against x (official `_extract_into_tensor`)."""
-        out = arr.to(t.device)[t].float()
+    def table(self, name, device):
+        """The table `name` on `device`, copied there once: lookups inside a sampling loop copy nothing from the
+        host (a host-to-device copy from pageable memory makes the GPU wait, and a CUDA graph cannot hold it)."""
+        key = (name, str(device))
+        if key not in self._on_device:
+            self._on_device[key] = getattr(self, name).to(device)
+        return self._on_device[key]
+
+    def _at(self, name, t, x):
+        """Table `name` at steps t (N,) as fp32, shaped (N, 1, ...) to broadcast against x (official
+        `_extract_into_tensor`)."""
+        out = self.table(name, t.device)[t].float()
         return out.reshape(-1, *([1] * (x.dim() - 1)))  # (N, 1, ..., 1)
+
+    def original_t(self, t):
+        """The ORIGINAL step (of the 1000) of each of this process's step indices t: what the network is given."""
+        return self.table("timestep_map", t.device)[t]
 
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (DDPM Eq. 4)."""
-        a = self._at(self.alphas_cumprod, t, x0)
+        a = self._at("alphas_cumprod", t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def q_posterior(self, x0, x_t, t):
         """Mean and log-variance of q(x_{t-1} | x_t, x0) (DDPM Eqs. 6-7)."""
-        mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, self._at(self.posterior_log_variance_clipped, t, x_t)
+        mean = self._at("posterior_mean_coef1", t, x_t) * x0 + self._at("posterior_mean_coef2", t, x_t) * x_t
+        return mean, self._at("posterior_log_variance_clipped", t, x_t)
 
     def predict_x0(self, x_t, t, eps):
         """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (DDPM Eq. 4 solved for x0), written as
         sqrt(1/abar) x_t - sqrt(1/abar - 1) eps like the reference code."""
-        a = self.alphas_cumprod
-        return self._at(1.0 / a.sqrt(), t, x_t) * x_t - self._at((1.0 / a - 1).sqrt(), t, x_t) * eps
+        return (self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self._at("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
 
     def p_mean_variance(self, model_out, x_t, t, clip_denoised=False):
         """p(x_{t-1} | x_t) from the head's output (N, 2C) = [eps | v] (IDDPM Eq. 15, learned-range variance).
@@ -126,8 +143,8 @@ class GaussianDiffusion:
         """
         C = x_t.shape[-1]
         eps, v = model_out[..., :C], model_out[..., C:]
-        min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
-        max_log = self._at(self.betas.log(), t, x_t)
+        min_log = self._at("posterior_log_variance_clipped", t, x_t)
+        max_log = self._at("log_betas", t, x_t)
         frac = (v + 1) / 2
         log_var = frac * max_log + (1 - frac) * min_log
         x0 = clip_x0(self.predict_x0(x_t, t, eps), clip_denoised)
@@ -153,7 +170,7 @@ class GaussianDiffusion:
         Returns dict(mse, vb, loss), each (N,).
         """
         x_t = self.q_sample(x0, t, noise)
-        out = net(x_t, self.timestep_map.to(t.device)[t], c)  # (N, 2C)
+        out = net(x_t, self.original_t(t), c)  # (N, 2C)
         C = x0.shape[-1]
         mse = ((noise - out[:, :C]) ** 2).mean(dim=-1)
         frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=-1)

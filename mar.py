@@ -238,7 +238,7 @@ class DiffLoss(nn.Module):
         x = x_T
         for k in reversed(range(diff.num_timesteps)):
             t = torch.full((len(x),), k, dtype=torch.long, device=x.device)
-            out = self.guided_eps(x, diff.timestep_map.to(x.device)[t], c, c_null, cfg)
+            out = self.guided_eps(x, diff.original_t(t), c, c_null, cfg)
             x = diff.p_sample(out, x, t, step_noise[k], temperature, clip_denoised)
         return x
 
@@ -566,7 +566,8 @@ class MAR(nn.Module):
         tokens, mask = torch.zeros(bsz, L, C, device=device), torch.ones(bsz, L, device=device)
         n_masked = L  # the same count in every row: the schedule is deterministic
         S = None if one_step else self.diffloss.gen_diffusion(num_diffusion_steps).num_timesteps
-        for step, (n_pred, mask_len) in enumerate(tqdm(mask_schedule(L, num_iter), desc="AR steps", disable=not progress)):
+        schedule = tqdm(mask_schedule(L, num_iter), desc="AR steps", disable=not progress)
+        for step, (n_pred, mask_len) in enumerate(schedule):
             if n_pred == 0:  # num_iter > L can leave a step with nothing to predict
                 continue
             # The tokens leaving the mask set this step: the last n_pred of the still-masked prefix of `orders`,
@@ -659,22 +660,27 @@ def read_checkpoint(path):
     Official MAR training checkpoints also pickle `args` as an argparse.Namespace; weights_only refuses any class
     outside its allow-list, so Namespace (a plain attribute bag, nothing executed) is allowed here and nothing else.
     """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path!r} is a folder; give the checkpoint file in it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; weights are never downloaded, give a local path")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # an object outside the allow-list: the file is fine but not plain tensors
-        raise RuntimeError(f"checkpoint {path!r} holds Python objects that weights_only loading refuses "
-                           f"({str(e).splitlines()[0][:200]}). Re-save its tensors, e.g. torch.save("
-                           "{'model': sd}, new_path), from a trusted environment") from e
-    except Exception as e:  # truncated zip, not a torch file
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a pickle of tensors at all (random bytes, another format)
+            raise RuntimeError(f"{path!r} is not a torch checkpoint (unreadable as one); give a checkpoint file") from e
+        # an object outside the allow-list: the file is a checkpoint, but not of plain tensors
+        raise RuntimeError(f"checkpoint {path!r} holds Python objects that weights_only loading refuses. Re-save its "
+                           "tensors, e.g. torch.save({'model': sd}, new_path), from a trusted environment") from e
+    except Exception as e:  # truncated zip
         raise RuntimeError(f"could not read checkpoint {path!r} ({type(e).__name__}: {str(e)[:200]}); "
                            "is the file complete and a torch checkpoint?") from e
 
 
-def load_state_dict_strict(module, sd, what="checkpoint"):
-    """load_state_dict(strict=True), but the error names the first missing, unexpected and mis-shaped keys."""
+def load_state_dict_strict(module, sd, what="checkpoint", hint="Check --model / --preset"):
+    """load_state_dict(strict=True), but the error names the first missing, unexpected and mis-shaped keys, then
+    `hint` (what the user should check)."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -683,19 +689,34 @@ def load_state_dict_strict(module, sd, what="checkpoint"):
     if missing or unexpected or shape:
         raise ValueError(f"{what} does not fit the model ({len(missing)} missing, {len(unexpected)} unexpected, "
                          f"{len(shape)} mis-shaped keys). First missing: {missing[:3]}; first unexpected: "
-                         f"{unexpected[:3]}; first mis-shaped: {shape[:3]}. Check --model / preset.")
+                         f"{unexpected[:3]}; first mis-shaped: {shape[:3]}. {hint}")
     module.load_state_dict(sd, strict=True)
 
 
-def load_mar(path, model, use_ema=True, verbose=True):
+def checkpoint_kind(ckpt):
+    """"student" for a MARVAL one-step student (distill_gsim.py and rl_refine.py write `kind`; older files of theirs
+    carry the aux head or their arguments), "teacher" for any other MAR checkpoint (official, train_mar.py)."""
+    if "kind" in ckpt:
+        return ckpt["kind"]
+    args = ckpt.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
+    return "student" if "aux" in ckpt or "teacher" in args or "student" in args else "teacher"
+
+
+def load_mar(path, model, use_ema=True, verbose=True, expect=None):
     """Load an official MAR `checkpoint-last.pth` ({"model", "model_ema"}) or one of ours into `model`, strictly.
 
     EMA weights by default (what the official demo and evaluation use); falls back to "model" if there is no EMA.
-    Returns the model.
+    expect: "teacher" or "student" to refuse the other kind (`checkpoint_kind`). Returns the model.
     """
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or not ({"model", "model_ema"} & set(ckpt)):
         raise ValueError(f"{path!r} is not a MAR checkpoint: expected a dict with 'model' and/or 'model_ema'")
+    kind = checkpoint_kind(ckpt)
+    if expect is not None and kind != expect:
+        made = "a MARVAL one-step student (distill_gsim.py / rl_refine.py)" if kind == "student" else \
+            "a MAR teacher (official or train_mar.py)"
+        raise ValueError(f"this is {made}, not a {expect}")
     key = "model_ema" if use_ema and "model_ema" in ckpt else "model"
     load_state_dict_strict(model, ckpt[key], f"{path!r} [{key}]")
     if verbose and os.environ.get("RANK", "0") == "0":  # rank 0 only under torchrun, without torch.distributed here

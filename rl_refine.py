@@ -129,8 +129,10 @@ def rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, args):
     """One MARVAL-RL update: generate a batch with gradients (K AR steps of the one-step head, then the decoder), score
     it, and step the optimizer on
 
-        loss = -mean_b R(decode(x_b), prompt_b) + beta * penalty        (reward back-propagation, DRaFT arXiv:2309.17400;
-                                                                          penalty: DRaFT+, `generate_with_reference`)
+        loss = -mean_b R(decode(x_b), prompt_b) + beta * penalty
+
+    (reward back-propagation: DRaFT, Clark et al. 2023, arXiv:2309.17400; the penalty: DRaFT+,
+    `generate_with_reference`)
 
     with beta = args.reg_weight: 0 by default (the paper's plain reward loss), 1 in the toy's defaults, where an
     unguarded run hacks the reward (note 1). labels (B,) classes, whose prompts the reward scores; gens: one generator
@@ -208,12 +210,14 @@ def get_args(argv=None):
     g = p.add_argument_group("setup")
     g.add_argument("--preset", choices=["toy"], default=None)
     g.add_argument("--model", choices=list(mar.PRESETS), default="mar_base")
-    g.add_argument("--img-size", type=int, default=256, help="image size of the student (MAR: 256)")
+    g.add_argument("--img-size", type=common.COUNT, default=256, help="image size of the student (MAR: 256)")
     g.add_argument("--student", required=True, help="MAR-format checkpoint of the distilled student (EMA weights)")
     g.add_argument("--vae", default=None, help="local kl16.ckpt (ImageNet)")
     g.add_argument("--out-dir", default=None, help="--preset toy: runs/toy_rl")
-    g.add_argument("--resume", action="store_true")
-    g.add_argument("--max-steps", type=int, default=None, help="default: --epochs x --epoch-size / global batch")
+    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint-last.pth if present")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --out-dir that holds a checkpoint")
+    g.add_argument("--max-steps", type=common.COUNT, default=None,
+                   help="default: --epochs x --epoch-size / global batch")
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--device", default=None)
     g = p.add_argument_group("reward")
@@ -226,27 +230,32 @@ def get_args(argv=None):
     g.add_argument("--watch-classifier", default=None, help="toy: an independent evaluator (pixel MLP, trained on "
                    "first use) whose accuracy and class similarity are logged but never optimised")
     g = p.add_argument_group("generation and optimisation (paper defaults, MARVAL Table 2)")
-    g.add_argument("--num-iter", type=int, default=64, help="AR iterations K of the differentiated generation")
-    g.add_argument("--truncate-k", type=int, default=None, help="back-propagate through the last k AR steps only")
+    g.add_argument("--num-iter", type=common.COUNT, default=64, help="AR iterations K of the differentiated generation")
+    g.add_argument("--truncate-k", type=common.COUNT, default=None,
+                   help="back-propagate through the last k AR steps only")
     g.add_argument("--no-checkpoint-steps", action="store_true", help="keep all K steps' activations (more memory)")
     g.add_argument("--head-only", action="store_true", help="tune the diffusion head only")
-    g.add_argument("--global-batch-size", type=int, default=16, help="paper: 2 per GPU x 8 GPUs")
-    g.add_argument("--epochs", type=int, default=5, help="paper: 5 (see note 2 for the unit)")
-    g.add_argument("--epoch-size", type=int, default=1_281_167, help="prompts per epoch: ImageNet's training labels")
-    g.add_argument("--lr", type=float, default=5e-6)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--ema-rate", type=float, default=0.9999, help="0: no EMA (model_ema = model)")
+    g.add_argument("--global-batch-size", type=common.COUNT, default=16, help="paper: 2 per GPU x 8 GPUs")
+    g.add_argument("--epochs", type=common.COUNT, default=5, help="paper: 5 (see note 2 for the unit)")
+    g.add_argument("--epoch-size", type=common.COUNT, default=1_281_167,
+                   help="prompts per epoch: ImageNet's training labels")
+    g.add_argument("--lr", type=common.POSITIVE, default=5e-6)
+    g.add_argument("--weight-decay", type=common.NONNEG, default=0.0)
+    g.add_argument("--grad-clip", type=common.POSITIVE, default=1.0)
+    g.add_argument("--ema-rate", type=common.FRACTION, default=0.9999, help="0: no EMA (model_ema = model)")
     g.add_argument("--no-ema-warmup", action="store_true", help="the literal fixed-rate EMA (see note 3)")
-    g.add_argument("--reg-weight", type=float, default=0.0, help="beta of the DRaFT+ penalty toward the frozen start")
+    g.add_argument("--reg-weight", type=common.NONNEG, default=0.0,
+                   help="beta of the DRaFT+ penalty toward the frozen start")
     g.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     g = p.add_argument_group("logging and selection")
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--save-every", type=int, default=100)
-    g.add_argument("--eval-every", type=int, default=100, help="held-out reward (and toy FID) every N steps")
-    g.add_argument("--eval-images", type=int, default=400, help="held-out set: fixed labels and seeds")
-    g.add_argument("--fid-bound", type=float, default=1.3, help="toy: best held-out reward with FID <= bound x start")
-    g.add_argument("--max-drift", type=float, default=MAX_DRIFT, help="best held-out reward with DRaFT+ distance "
+    g.add_argument("--log-every", type=common.COUNT, default=10)
+    g.add_argument("--save-every", type=common.COUNT, default=100)
+    g.add_argument("--eval-every", type=common.COUNT0, default=100, help="held-out reward (and toy FID) every N steps")
+    g.add_argument("--eval-images", type=common.COUNT0, default=400, help="held-out set: fixed labels and seeds")
+    g.add_argument("--fid-bound", type=common.number(float, 1), default=1.3,
+                   help="toy: best held-out reward with FID <= bound x start")
+    g.add_argument("--max-drift", type=common.POSITIVE, default=MAX_DRIFT,
+                   help="best held-out reward with DRaFT+ distance "
                    "(mean squared one-step output difference to the start, held-out) at most this")
     args = p.parse_args(argv)
     if args.preset == "toy":
@@ -260,7 +269,27 @@ def get_args(argv=None):
         p.error("--reward pickscore needs --pickscore-model (and --pickscore-processor) local directories")
     if args.reward == "clip" and not args.clip_weights:
         p.error("--reward clip needs --clip-weights (a local open_clip weights file)")
+    if args.truncate_k is not None and args.truncate_k > args.num_iter:
+        p.error(f"--truncate-k {args.truncate_k} is more than the --num-iter {args.num_iter} AR steps")
     return args
+
+
+def check_inputs(args):
+    """Before any work: every file and folder the run reads exists and is of the kind expected."""
+    common.input_path("--student", args.student, "the distilled student's checkpoint (distill_gsim.py's)")
+    if args.preset != "toy":
+        common.input_path("--vae", args.vae, "the local kl16.ckpt")
+    if args.reward == "pickscore":
+        common.input_path("--pickscore-model", args.pickscore_model, "the local yuvalkirstain/PickScore_v1 folder",
+                          folder=True)
+        processor = args.pickscore_processor or args.pickscore_model
+        common.input_path("--pickscore-processor", processor, "the local laion/CLIP-ViT-H-14 processor folder",
+                          folder=True)
+        if not os.path.isfile(os.path.join(args.pickscore_model, "config.json")):
+            raise common.UsageError(f"--pickscore-model {args.pickscore_model} holds no config.json: give the folder "
+                                    "a transformers save_pretrained (or a hub snapshot) of PickScore_v1 wrote")
+    if args.reward == "clip":
+        common.input_path("--clip-weights", args.clip_weights, "a local open_clip weights file")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,14 +299,18 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device, bsz = common.start_run(args)
+    check_inputs(args)
+    rank, world, device, bsz = common.start_run(args, [("--student", args.student)])
     toy = args.preset == "toy"
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")  # resolved (and saved so)
 
     # -- models: policy (trained), frozen reference (the start), EMA -------------------------------------------------
     build = (lambda: data.toy_model_of(args.student)) if toy else \
         (lambda: mar.PRESETS[args.model](img_size=args.img_size))
-    policy = mar.load_mar(args.student, build(), use_ema=True, verbose=common.is_main()).to(device).eval()
+    with common.reading("--student", args.student):
+        policy = mar.load_mar(args.student, build(), use_ema=True, verbose=common.is_main(), expect="student")
+        tokenizer = data.toy_tokenizer_of(args.student, device) if toy else None
+    policy = policy.to(device).eval()
     reference = copy.deepcopy(policy).requires_grad_(False)
     policy.requires_grad_(not args.head_only)
     policy.diffloss.net.requires_grad_(True)
@@ -285,12 +318,13 @@ def main(argv=None):
     trainable = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     # the decoder the reward's gradient crosses: KL-16, or the toy VAE the student's checkpoint carries
-    if toy:
-        tokenizer = data.toy_tokenizer_of(args.student, device)
-    else:
+    if not toy:
         import vae as vae_lib
-        tokenizer = data.Tokenizer(vae_lib.load_vae(args.vae).to(device).requires_grad_(False))
-    reward_fn, evaluator = build_reward(args, device)
+        with common.reading("--vae", args.vae):
+            tokenizer = data.Tokenizer(vae_lib.load_vae(args.vae).to(device).requires_grad_(False))
+    reward_flag = {"pickscore": "--pickscore-model", "clip": "--clip-weights", "toy": "--classifier"}[args.reward]
+    with common.reading(reward_flag, getattr(args, reward_flag[2:].replace("-", "_"))):
+        reward_fn, evaluator = build_reward(args, device)
     # the independent judge: a pixel MLP (another architecture and seed), created on first use, never differentiated
     watcher = evaluate.ToyEvaluator(args.watch_classifier, kind="mlp", seed=1) if toy and args.watch_classifier \
         else None
@@ -299,17 +333,19 @@ def main(argv=None):
     step, history, best = 0, [], None
     ckpt_path = os.path.join(args.out_dir, "checkpoint-last.pth")
     if args.resume and os.path.exists(ckpt_path):
-        ck = mar.read_checkpoint(ckpt_path)
-        mar.load_state_dict_strict(policy, ck["model"], ckpt_path)
-        mar.load_state_dict_strict(ema, ck["model_ema"], ckpt_path + " [model_ema]")
-        opt.load_state_dict(ck["optimizer"])
-        step, history, best = ck["step"], ck["history"], ck["best"]
+        with common.reading("--resume", ckpt_path):
+            ck = mar.read_checkpoint(ckpt_path)
+            mar.load_state_dict_strict(policy, ck["model"], ckpt_path)
+            mar.load_state_dict_strict(ema, ck["model_ema"], ckpt_path + " [model_ema]")
+            opt.load_state_dict(ck["optimizer"])
+            step, history, best = ck["step"], ck["history"], ck["best"]
         common.print0(f"resumed from {ckpt_path} at step {step}")
 
     def save(path):
         if common.is_main():
             extra = data.toy_entries(tokenizer, data.toy_config_of(args.student)) if toy else {}
-            common.save_checkpoint(path, {"model": policy.state_dict(), "model_ema": ema.state_dict(),
+            common.save_checkpoint(path, {"kind": "student", "model": policy.state_dict(),
+                                          "model_ema": ema.state_dict(),
                                           "optimizer": opt.state_dict(), "step": step, "args": vars(args),
                                           "history": history, "best": best, **extra})
 
@@ -359,4 +395,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

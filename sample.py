@@ -48,7 +48,8 @@ PRECISION_DEFAULT = {"cuda": "bf16", "cpu": "fp32"}
 def labels_for(n, class_num):
     """Label of each global index: n / class_num consecutive images per class (50 per class for FID-50K)."""
     if n % class_num:
-        raise ValueError(f"--num-images {n} is not a multiple of the {class_num} classes (balanced classes)")
+        raise common.UsageError(f"--num-images {n} is not a multiple of the {class_num} classes (balanced classes): "
+                                f"give a multiple of {class_num}")
     return torch.arange(n) // (n // class_num)
 
 
@@ -95,20 +96,22 @@ def get_args(argv=None):
     g.add_argument("--preset", choices=["toy"], default=None,
                    help="the toy digits model (its toy VAE is inside --ckpt)")
     g.add_argument("--model", choices=list(mar.PRESETS), default="mar_base")
-    g.add_argument("--img-size", type=int, default=256, help="image size of the model (MAR: 256)")
+    g.add_argument("--img-size", type=common.COUNT, default=256, help="image size of the model (MAR: 256)")
     g.add_argument("--vae", default=None, help="local kl16.ckpt (not for --preset toy)")
     g.add_argument("--no-ema", action="store_true", help="use 'model' instead of the EMA weights")
     g = p.add_argument_group("sampler")
     g.add_argument("--one-step", action="store_true", help="MARVAL: one head call per token from t* = 400")
-    g.add_argument("--num-diffusion-steps", type=int, default=100, help="teacher: reverse steps per token")
-    g.add_argument("--num-iter", type=int, default=64, help="AR iterations K (MAR: 256 for the table, 64 fast)")
-    g.add_argument("--cfg", type=float, default=1.0, help="CFG scale (MAR-B 2.9, L 3.0, H 3.2; MARVAL student 1)")
+    g.add_argument("--num-diffusion-steps", type=common.COUNT, default=100, help="teacher: reverse steps per token")
+    g.add_argument("--num-iter", type=common.COUNT, default=64,
+                   help="AR iterations K (MAR: 256 for the table, 64 fast)")
+    g.add_argument("--cfg", type=common.NONNEG, default=1.0,
+                   help="CFG scale (MAR-B 2.9, L 3.0, H 3.2; MARVAL student 1)")
     g.add_argument("--cfg-schedule", choices=["linear", "constant"], default="linear")
-    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--temperature", type=common.POSITIVE, default=1.0)
     g = p.add_argument_group("run")
-    g.add_argument("--num-images", type=int, default=50000)
-    g.add_argument("--class-num", type=int, default=None, help="default: the model's")
-    g.add_argument("--batch-size", type=int, default=64, help="per process")
+    g.add_argument("--num-images", type=common.COUNT, default=50000)
+    g.add_argument("--class-num", type=common.COUNT, default=None, help="default: the model's")
+    g.add_argument("--batch-size", type=common.COUNT, default=64, help="per process")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None)
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
@@ -123,21 +126,39 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    common.input_path("--ckpt", args.ckpt, "a MAR-format checkpoint file")
+    if args.preset != "toy":
+        common.input_path("--vae", args.vae, "the local kl16.ckpt")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise common.UsageError(f"--out-dir {args.out_dir} is a file; give a folder for the images")
     rank, world, device = common.setup_distributed(args.device)
     precision = args.precision or PRECISION_DEFAULT[device.type]
+
+    # -- model and tokenizer, read before anything is written ------------------------------------------------------
+    # A one-step student samples with --one-step, a teacher without: the other way round gives noise, not images.
+    expect = "student" if args.one_step else "teacher"
+    with common.reading("--ckpt", args.ckpt):
+        model = data.toy_model_of(args.ckpt) if args.preset == "toy" else \
+            mar.PRESETS[args.model](img_size=args.img_size)
+        try:
+            mar.load_mar(args.ckpt, model, use_ema=not args.no_ema, verbose=common.is_main(), expect=expect)
+        except ValueError as e:
+            if "not a" not in str(e):
+                raise
+            fix = "drop --one-step (a teacher samples with its head's diffusion)" if args.one_step else \
+                "add --one-step (a student's head is a one-step generator)"
+            raise common.UsageError(f"--ckpt {args.ckpt}: {e}; {fix}") from None
+        tokenizer = data.toy_tokenizer_of(args.ckpt, device) if args.preset == "toy" else None
+    model = model.to(device).eval()
+    if tokenizer is None:
+        import vae as vae_lib
+        with common.reading("--vae", args.vae):
+            tokenizer = data.Tokenizer(vae_lib.load_vae(args.vae).to(device))
+    if (args.class_num or 0) > model.class_num:
+        raise common.UsageError(f"--class-num {args.class_num} is more than the model's {model.class_num} classes")
+    labels = labels_for(args.num_images, args.class_num or model.class_num)
     img_dir = os.path.join(args.out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
-
-    # -- model and tokenizer ---------------------------------------------------------------------------------------
-    model = data.toy_model_of(args.ckpt) if args.preset == "toy" else mar.PRESETS[args.model](img_size=args.img_size)
-    mar.load_mar(args.ckpt, model, use_ema=not args.no_ema, verbose=common.is_main())
-    model = model.to(device).eval()
-    if args.preset == "toy":  # the toy VAE the checkpoint was trained with, saved inside it
-        tokenizer = data.toy_tokenizer_of(args.ckpt, device)
-    else:
-        import vae as vae_lib
-        tokenizer = data.Tokenizer(vae_lib.load_vae(args.vae).to(device))
-    labels = labels_for(args.num_images, args.class_num or model.class_num)
     mode = "one-step (MARVAL)" if args.one_step else f"teacher, {args.num_diffusion_steps} head steps"
     common.print0(f"sampling {args.num_images} images, {mode}, K={args.num_iter}, cfg {args.cfg} ({args.cfg_schedule}), "
                f"{world} process(es), batch {args.batch_size} each")
@@ -186,4 +207,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import common
+import evaluate
 import mar
 import vae
 
@@ -118,40 +119,46 @@ def get_args(argv=None):
     g.add_argument("--model", choices=list(mar.PRESETS), default="mar_base", help="architecture (ignored by --preset)")
     g.add_argument("--out-dir", default=None, help="checkpoint, log.jsonl, samples (toy: runs/toy_teacher)")
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint-last.pth if present")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --out-dir that holds a checkpoint")
+    g.add_argument("--max-steps", type=common.COUNT, default=None, help="stop after this many optimizer steps in all")
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--device", default=None, help="cuda if available, else cpu")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="class-folder images (ImageNet train), encoded on the fly")
+    g.add_argument("--bad-images", choices=["skip", "check"], default="skip",
+                   help="an unreadable image in --data-path: skip it (each one reported by path) or check every image "
+                        "before training and stop, naming them")
     g.add_argument("--cached-path", default=None, help="latent cache written by `python data.py cache`")
     g.add_argument("--vae", default=None, help="local path of kl16.ckpt (with --data-path)")
-    g.add_argument("--img-size", type=int, default=256)
-    g.add_argument("--global-batch-size", type=int, default=2048, help="MAR: 64 per GPU x 32 GPUs")
-    g.add_argument("--num-workers", type=int, default=8)
+    g.add_argument("--img-size", type=common.COUNT, default=256)
+    g.add_argument("--global-batch-size", type=common.COUNT, default=2048, help="MAR: 64 per GPU x 32 GPUs")
+    g.add_argument("--num-workers", type=common.COUNT0, default=8)
     g = p.add_argument_group("model")
-    g.add_argument("--diffloss-d", type=int, default=None, help="head depth (default: the preset's)")
-    g.add_argument("--diffloss-w", type=int, default=None, help="head width (default: the preset's)")
-    g.add_argument("--mask-ratio-min", type=float, default=None, help="MAR: 0.7")
-    g.add_argument("--diffusion-batch-mul", type=int, default=None, help="noised copies per token (MAR: 4)")
+    g.add_argument("--diffloss-d", type=common.COUNT, default=None, help="head depth (default: the preset's)")
+    g.add_argument("--diffloss-w", type=common.COUNT, default=None, help="head width (default: the preset's)")
+    g.add_argument("--mask-ratio-min", type=common.FRACTION, default=None, help="MAR: 0.7")
+    g.add_argument("--diffusion-batch-mul", type=common.COUNT, default=None, help="noised copies per token (MAR: 4)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (big models)")
     g = p.add_argument_group("optimisation (MAR's recipe by default)")
-    g.add_argument("--epochs", type=int, default=800)
-    g.add_argument("--blr", type=float, default=1e-4, help="base lr: lr = blr * global batch / 256")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    g.add_argument("--epochs", type=common.COUNT, default=800)
+    g.add_argument("--blr", type=common.POSITIVE, default=1e-4, help="base lr: lr = blr * global batch / 256")
+    g.add_argument("--lr", type=common.POSITIVE, default=None, help="absolute lr (overrides --blr)")
     g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--warmup-epochs", type=float, default=100)
-    g.add_argument("--weight-decay", type=float, default=0.02, help="not on biases, norms or the head")
-    g.add_argument("--grad-clip", type=float, default=3.0)
-    g.add_argument("--ema-rate", type=float, default=0.9999)
+    g.add_argument("--min-lr", type=common.NONNEG, default=0.0)
+    g.add_argument("--warmup-epochs", type=common.NONNEG, default=100)
+    g.add_argument("--weight-decay", type=common.NONNEG, default=0.02, help="not on biases, norms or the head")
+    g.add_argument("--grad-clip", type=common.POSITIVE, default=3.0)
+    g.add_argument("--ema-rate", type=common.FRACTION, default=0.9999)
     g.add_argument("--ema-warmup", action="store_true", help="EMA decay min(rate, (1+n)/(10+n)): for short runs")
     g.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     g = p.add_argument_group("logging and evaluation")
-    g.add_argument("--log-every", type=int, default=100)
-    g.add_argument("--save-every", type=int, default=5000, help="optimizer steps between checkpoints")
-    g.add_argument("--eval-images", type=int, default=400, help="toy: teacher samples scored at the end (0: none)")
-    g.add_argument("--eval-num-iter", type=int, default=16, help="toy: AR iterations K for the final samples (K = L)")
-    g.add_argument("--eval-cfg", type=float, default=1.0, help="toy: CFG scale for the final samples")
+    g.add_argument("--log-every", type=common.COUNT, default=100)
+    g.add_argument("--save-every", type=common.COUNT, default=5000, help="optimizer steps between checkpoints")
+    g.add_argument("--eval-images", type=common.COUNT0, default=400,
+                   help="toy: teacher samples scored at the end (0: none)")
+    g.add_argument("--eval-num-iter", type=common.COUNT, default=16,
+                   help="toy: AR iterations K for the final samples (K = L)")
+    g.add_argument("--eval-cfg", type=common.NONNEG, default=1.0, help="toy: CFG scale for the final samples")
     g.add_argument("--classifier", default="runs/toy_classifier.pt", help="toy evaluator cache")
     g.add_argument("--toy-vae", default="runs/toy_vae.pt", help="toy tokenizer cache (trained on first use, ~40 s)")
     g.add_argument("--toy-size", choices=list(data.TOY_SIZES), default="base",
@@ -166,6 +173,10 @@ def get_args(argv=None):
         p.error("--data-path needs --vae (the local kl16.ckpt) to encode images")
     if args.out_dir is None:
         p.error("--out-dir is required: the folder for checkpoint-last.pth and log.jsonl")
+    if args.preset != "toy" and args.img_size % 16:
+        p.error(f"--img-size {args.img_size} is not a multiple of the VAE's stride 16")
+    if args.preset == "toy" and args.eval_images % 10:
+        p.error(f"--eval-images {args.eval_images} is not a multiple of the 10 digit classes")
     return args
 
 
@@ -179,14 +190,23 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------------
     # Setup
     # ------------------------------------------------------------------------------------------------------------
+    data.check_source(args)
     rank, world, device, bsz = common.start_run(args)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.preset == "toy" and args.eval_images > 0 and os.path.exists(args.classifier):
+        with common.reading("--classifier", args.classifier):  # read now, not after training
+            evaluate.load_toy_classifier(args.classifier)
 
     # ------------------------------------------------------------------------------------------------------------
     # Data: every source yields (x, label) where x becomes MAR latents (B, C, H, W) in `to_latents`
     # ------------------------------------------------------------------------------------------------------------
     ckpt_path = os.path.join(args.out_dir, "checkpoint-last.pth")
-    toy_tok = toy_tokenizer_for_run(args, ckpt_path, device) if args.preset == "toy" else None
+    if args.preset == "toy":
+        resuming = args.resume and os.path.exists(ckpt_path)
+        with common.reading("--resume" if resuming else "--toy-vae", ckpt_path if resuming else args.toy_vae):
+            toy_tok = toy_tokenizer_for_run(args, ckpt_path, device)
+    else:
+        toy_tok = None
     dataset, to_latents, steps_per_epoch = data.training_source(args, device, toy_tok)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
@@ -205,11 +225,12 @@ def main(argv=None):
     opt = build_optimizer(model, base_lr, args.weight_decay)
     step = 0
     if args.resume and os.path.exists(ckpt_path):
-        ck = mar.read_checkpoint(ckpt_path)
-        mar.load_state_dict_strict(model, ck["model"], ckpt_path)
-        mar.load_state_dict_strict(ema, ck["model_ema"], ckpt_path + " [model_ema]")
-        opt.load_state_dict(ck["optimizer"])
-        step = ck["step"]
+        with common.reading("--resume", ckpt_path):
+            ck = mar.read_checkpoint(ckpt_path)
+            mar.load_state_dict_strict(model, ck["model"], ckpt_path)
+            mar.load_state_dict_strict(ema, ck["model_ema"], ckpt_path + " [model_ema]")
+            opt.load_state_dict(ck["optimizer"])
+            step = ck["step"]
         common.print0(f"resumed from {ckpt_path} at step {step}")
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
 
@@ -217,7 +238,8 @@ def main(argv=None):
         if common.is_main():
             # a toy checkpoint carries its VAE and its configuration (data.toy_entries)
             extra = data.toy_entries(toy_tok, toy_model_config(args)) if toy_tok else {}
-            common.save_checkpoint(ckpt_path, {"model": model.state_dict(), "model_ema": ema.state_dict(),
+            common.save_checkpoint(ckpt_path, {"kind": "teacher", "model": model.state_dict(),
+                                               "model_ema": ema.state_dict(),
                                                "optimizer": opt.state_dict(), "step": step, "args": vars(args),
                                                **extra})
 
@@ -280,13 +302,12 @@ def toy_tokenizer_for_run(args, ckpt_path, device):
 
 def evaluate_toy_teacher(model, tokenizer, args):
     """Sample the toy teacher (100 head steps per token) and score it with the toy classifier; grid.png."""
-    from evaluate import ToyEvaluator, sample_toy
-    ev = ToyEvaluator(args.classifier)
-    imgs, labels, sec = sample_toy(model, tokenizer, args.eval_images, args.eval_num_iter, args.eval_cfg)
+    ev = evaluate.ToyEvaluator(args.classifier)
+    imgs, labels, sec = evaluate.sample_toy(model, tokenizer, args.eval_images, args.eval_num_iter, args.eval_cfg)
     common.save_class_grid(imgs, labels, os.path.join(args.out_dir, "grid.png"))
     return dict(ev(imgs, labels), real_split_fid=ev.real_split_fid(), sec_per_image=sec,
                 num_images=len(imgs), num_iter=args.eval_num_iter, cfg=args.eval_cfg, diffusion_steps=100)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -246,7 +246,7 @@ def load_vae(path, model=None, **config):
             inferred = {}
             print0(f"VAE {path!r}: could not read the architecture off the file ({e}); using KL-16's")
         model = AutoencoderKL(**{**inferred, **config})
-    load_state_dict_strict(model, kept, f"VAE {path!r}")
+    load_state_dict_strict(model, kept, f"VAE {path!r}", "Is it MAR's kl16.ckpt (an LDM KL autoencoder)?")
     extra = len(sd) - len(kept)
     print0(f"loaded VAE from {path}" + (f" (ignored {extra} training-only keys)" if extra else ""))
     return model.eval()
@@ -337,7 +337,8 @@ def load_toy_vae(path="runs/toy_vae.pt"):
     """The cached toy VAE, trained and saved (atomically) on first use, like the toy classifier."""
     model = ToyVAE()
     if os.path.exists(path):
-        load_state_dict_strict(model, read_checkpoint(path)["model"], f"toy VAE {path!r}")
+        load_state_dict_strict(model, read_checkpoint(path)["model"], f"toy VAE {path!r}",
+                               "It is a cache: delete it, or give another --toy-vae, to train a new one")
         return model.eval().requires_grad_(False)
     model = train_toy_vae()
     save_checkpoint(path, {"model": model.state_dict()})

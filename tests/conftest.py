@@ -74,6 +74,17 @@ def toy_ckpt(tmp_path_factory, toy_vae_file):
 
 
 @pytest.fixture(scope="session")
+def toy_student_ckpt(tmp_path_factory, toy_ckpt):
+    """toy_ckpt's weights saved as a MARVAL one-step student (what distill_gsim.py writes: "kind": "student"), for the
+    tools that refuse a teacher where a student belongs (rl_refine.py --student, sample.py --one-step)."""
+    import common
+    import mar
+    path = tmp_path_factory.mktemp("toy_student") / "checkpoint-last.pth"
+    common.save_checkpoint(str(path), {**mar.read_checkpoint(toy_ckpt), "kind": "student"})
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def pickscore_dirs(tmp_path_factory):
     """A tiny random transformers CLIP + processor (byte-level vocabulary, no merges) saved like the real ones."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer

@@ -55,8 +55,8 @@ def test_two_process_gloo_run_keeps_ranks_identical(toy_ckpt, tmp_path):
     assert "ranks agree: all 2 processes" in r.stdout + r.stderr
 
 
-def test_two_process_rl_run_keeps_ranks_identical(toy_ckpt, toy_classifier_file, tmp_path):
-    r = torchrun("rl_refine.py", ["--preset", "toy", "--student", toy_ckpt, "--out-dir", str(tmp_path / "rl"),
+def test_two_process_rl_run_keeps_ranks_identical(toy_student_ckpt, toy_classifier_file, tmp_path):
+    r = torchrun("rl_refine.py", ["--preset", "toy", "--student", toy_student_ckpt, "--out-dir", str(tmp_path / "rl"),
                                   "--max-steps", "2", "--global-batch-size", "4", "--eval-every", "0",
                                   "--classifier", toy_classifier_file])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -108,7 +108,7 @@ def test_linear_teacher_cfg_schedule_follows_the_contexts_mask_ratio(toy_ckpt, t
 
 def test_bad_flags_are_clear_errors(toy_ckpt, tmp_path, capsys):
     for argv, msg in ((["--data-path", str(tmp_path)], "--data-path needs --vae"),
-                      (["--preset", "toy", "--aux-steps", "0"], "--aux-steps must be >= 1")):
+                      (["--preset", "toy", "--aux-steps", "0"], "argument --aux-steps: 0 is out of range")):
         with pytest.raises(SystemExit):
             distill_gsim.get_args(argv + ["--teacher", toy_ckpt, "--out-dir", str(tmp_path / "x")])
         assert msg in capsys.readouterr().err

@@ -47,7 +47,7 @@ def base_table(tmp_path_factory):
 def test_dry_run_reports_every_stage(base_table):
     assert base_table["model"] == "mar_base"
     rows = {(r["stage"], r["num_iter"]) for r in base_table["stages"]}
-    assert rows == {("train", None), ("gsim", None), ("gsim_ckpt", None), ("rl", 2), ("sample_teacher", 4),
+    assert rows == {("train", None), ("train_ckpt", None), ("gsim", None), ("gsim_ckpt", None), ("rl", 2), ("sample_teacher", 4),
                     ("sample_student", 4), ("inception", None)}
     for r in base_table["stages"]:
         assert r["peak_gib"] >= r["parameters_gib"] + r["activations_gib"] > 0 and isinstance(r["fits_80gb"], bool)

@@ -69,3 +69,41 @@ def test_truncated_gaussian_mask_ratio_draws_on_a_cuda_generator():
     model = mar.mar_tiny(img_size=64).cuda()
     loss = model(torch.randn(2, 16, 4, 4, device="cuda"), torch.tensor([1, 2], device="cuda"), generator=gen)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("one_step", [True, False])
+def test_an_ar_step_never_waits_for_the_host(one_step):
+    """The sampler's loop is shape-static: no boolean indexing, no .item(), no host-to-device table copy. CUDA's sync
+    debug mode raises on any synchronising call inside it (the generators' orders are drawn before it)."""
+    model = mar.mar_tiny(img_size=64).cuda().eval()
+    labels = torch.tensor([1, 2], device="cuda")
+    gens = [torch.Generator("cuda").manual_seed(i) for i in range(2)]
+    kw = dict(one_step=True) if one_step else dict(cfg=2.0, num_diffusion_steps=3)
+    with torch.no_grad():
+        model.sample_tokens(2, num_iter=4, labels=labels, generator=gens, **kw)  # warm-up: tables reach the GPU
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model.sample_tokens(2, num_iter=4, labels=labels, generator=gens, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("stage", ["sample_student", "gsim_ckpt"])
+def test_dry_run_against_the_cuda_allocator(stage):
+    """The dry run's peak (fake tensors) against torch.cuda.max_memory_allocated on the same step at MAR-B: they
+    must agree within what the dry run leaves out (autocast's weight copies, allocator rounding). Prints both."""
+    import bench
+    opts = dict(student=True, num_iter=16) if stage == "sample_student" else dict(ckpt=True)
+    dry = bench.dry_stage(stage, "mar_base", **opts)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        run, *_ = bench.STAGES[stage]("mar_base", opts)
+        base = torch.cuda.memory_allocated()
+        run()
+    real = torch.cuda.max_memory_allocated() / 2 ** 30
+    print(f"{stage}: dry run {dry['peak_gib']:.2f} GiB, CUDA allocator {real:.2f} GiB (parameters before the step "
+          f"{base / 2 ** 30:.2f} GiB)")
+    assert abs(real - dry["peak_gib"]) < 0.15 * dry["peak_gib"] + 1.0

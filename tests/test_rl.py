@@ -77,9 +77,9 @@ def test_clip_preprocess_matches_the_processor(pickscore_dirs):
     assert (ours.flip(-1) - theirs).abs().mean() > 0.2 and (ours.flip(1) - theirs).abs().mean() > 0.2
 
 
-def test_toy_rl_run_logs_regularises_and_selects(toy_ckpt, toy_classifier_file, tmp_path):
+def test_toy_rl_run_logs_regularises_and_selects(toy_student_ckpt, toy_classifier_file, tmp_path):
     out = str(tmp_path / "rl")
-    rl_refine.main(["--preset", "toy", "--student", toy_ckpt, "--out-dir", out, "--max-steps", "4",
+    rl_refine.main(["--preset", "toy", "--student", toy_student_ckpt, "--out-dir", out, "--max-steps", "4",
                     "--eval-every", "2", "--log-every", "1", "--eval-images", "40", "--global-batch-size", "4",
                     "--classifier", toy_classifier_file, "--lr", "1e-4"])
     recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
@@ -94,7 +94,7 @@ def test_toy_rl_run_logs_regularises_and_selects(toy_ckpt, toy_classifier_file, 
     mar.load_mar(os.path.join(out, "checkpoint-last.pth"), mar.MAR(**data.TOY_MODEL))  # loads like any MAR
     assert os.path.exists(os.path.join(out, "reward_vs_fid.png"))
     assert report["start"]["drift"] == 0.0 and report["last"]["drift"] > 0  # the held-out DRaFT+ distance
-    vae_in = mar.read_checkpoint(toy_ckpt)["toy_vae"]  # the RL checkpoints pass the student's toy VAE on
+    vae_in = mar.read_checkpoint(toy_student_ckpt)["toy_vae"]  # the RL checkpoints pass the student's toy VAE on
     for ck in (best, mar.read_checkpoint(os.path.join(out, "checkpoint-last.pth"))):
         assert all(torch.equal(ck["toy_vae"][k], v) for k, v in vae_in.items())
 
@@ -122,11 +122,11 @@ def distance_moved(ckpt_path, start):
     return d("model_ema"), d("model")
 
 
-def test_rl_update_shows_in_model_ema(toy_ckpt, toy_classifier_file, tmp_path):
+def test_rl_update_shows_in_model_ema(toy_student_ckpt, toy_classifier_file, tmp_path):
     """model_ema is what every tool loads: with the script's own EMA default (0.9999 with warm-up), a short run
     leaves it at least half way from the start to the policy; the literal fixed 0.9999 would not move it."""
-    start = mar.read_checkpoint(toy_ckpt)["model_ema"]
-    base = ["--preset", "toy", "--student", toy_ckpt, "--max-steps", "4", "--eval-every", "0",
+    start = mar.read_checkpoint(toy_student_ckpt)["model_ema"]
+    base = ["--preset", "toy", "--student", toy_student_ckpt, "--max-steps", "4", "--eval-every", "0",
             "--global-batch-size", "4", "--classifier", toy_classifier_file, "--lr", "1e-4"]
     rl_refine.main(base + ["--out-dir", str(tmp_path / "warm")])
     ema, policy = distance_moved(str(tmp_path / "warm" / "checkpoint-last.pth"), start)

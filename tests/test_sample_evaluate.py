@@ -19,9 +19,9 @@ def run_sample(ckpt, out, extra=()):
         return d["arr_0"], d["labels"], d["index"]
 
 
-def test_sample_outputs(toy_ckpt, tmp_path):
+def test_sample_outputs(toy_student_ckpt, tmp_path):
     out = str(tmp_path / "s")
-    arr, labels, index = run_sample(toy_ckpt, out, ["--one-step"])
+    arr, labels, index = run_sample(toy_student_ckpt, out, ["--one-step"])
     assert arr.shape == (20, 16, 16, 1) and arr.dtype == np.uint8
     assert sorted(index.tolist()) == list(range(20)) and index.tolist() != list(range(20))  # stored shuffled
     assert np.bincount(labels, minlength=10).tolist() == [2] * 10                         # balanced classes
@@ -35,7 +35,7 @@ def test_sample_outputs(toy_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("mode", [["--one-step"], ["--num-diffusion-steps", "2", "--cfg", "1.5"]])
-def test_sampling_keeps_no_graph(toy_ckpt, tmp_path, monkeypatch, mode):
+def test_sampling_keeps_no_graph(toy_ckpt, toy_student_ckpt, tmp_path, monkeypatch, mode):
     """sample.py's latents carry no autograd graph (student and teacher). With one, FID-50K at MAR-B, 64 images per
     GPU and K = 64 would hold every AR step's activations: out of memory on the first batch (bench.py --dry-run)."""
     seen = []
@@ -47,21 +47,21 @@ def test_sampling_keeps_no_graph(toy_ckpt, tmp_path, monkeypatch, mode):
         return out
 
     monkeypatch.setattr(sample.mar.MAR, "sample_tokens", spy)
-    run_sample(toy_ckpt, str(tmp_path / "s"), mode)
+    run_sample(toy_student_ckpt if "--one-step" in mode else toy_ckpt, str(tmp_path / "s"), mode)
     assert len(seen) == 5 and seen == [(False, False)] * 5  # 20 images in batches of 4
 
 
 def test_teacher_mode_and_bad_counts(toy_ckpt, tmp_path):
     arr, _, _ = run_sample(toy_ckpt, str(tmp_path / "t"), ["--num-diffusion-steps", "5", "--cfg", "1.5"])
     assert arr.shape == (20, 16, 16, 1)
-    with pytest.raises(ValueError, match="multiple of the 10 classes"):
+    with pytest.raises(sample.common.UsageError, match="multiple of the 10 classes"):
         sample.main(["--preset", "toy", "--ckpt", toy_ckpt, "--num-images", "15", "--out-dir", str(tmp_path / "x")])
 
 
-def test_two_process_sampling_equals_one_process(toy_ckpt, tmp_path):
-    one, _, _ = run_sample(toy_ckpt, str(tmp_path / "one"), ["--one-step"])
+def test_two_process_sampling_equals_one_process(toy_student_ckpt, tmp_path):
+    one, _, _ = run_sample(toy_student_ckpt, str(tmp_path / "one"), ["--one-step"])
     out = str(tmp_path / "two")
-    r = torchrun("sample.py", ["--preset", "toy", "--ckpt", toy_ckpt, "--num-images", "20", "--num-iter", "3",
+    r = torchrun("sample.py", ["--preset", "toy", "--ckpt", toy_student_ckpt, "--num-images", "20", "--num-iter", "3",
                                "--batch-size", "4", "--one-step", "--out-dir", out])
     assert r.returncode == 0, r.stderr[-3000:]
     with np.load(os.path.join(out, "samples.npz")) as d:
@@ -69,9 +69,9 @@ def test_two_process_sampling_equals_one_process(toy_ckpt, tmp_path):
     assert np.array_equal(one, two)  # bit-identical: same per-image generators and the same batches
 
 
-def test_toy_evaluation_cli(toy_ckpt, toy_classifier_file, tmp_path):
+def test_toy_evaluation_cli(toy_student_ckpt, toy_classifier_file, tmp_path):
     out = str(tmp_path / "s")
-    run_sample(toy_ckpt, out, ["--one-step"])
+    run_sample(toy_student_ckpt, out, ["--one-step"])
     res = evaluate.main(["--toy", "--samples", os.path.join(out, "samples.npz"), "--classifier",
                          toy_classifier_file, "--json", str(tmp_path / "m.json")])
     assert {"toy_fid", "toy_is", "accuracy"} <= set(res) and res["num_images"] == 20
@@ -120,7 +120,7 @@ def test_evaluate_errors(tmp_path):
     np.savez(tmp_path / "few.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8))
     np.savez(tmp_path / "badref.npz", something=np.zeros(3))
     torch.save({}, tmp_path / "w.pth")
-    with pytest.raises(ValueError, match="too few"):
+    with pytest.raises(evaluate.common.UsageError, match="too few"):
         evaluate.main(["--samples", str(tmp_path / "few.npz"), "--ref-stats", str(tmp_path / "badref.npz"),
                        "--inception-weights", str(tmp_path / "w.pth")])
     with pytest.raises(ValueError, match="no .png"):

@@ -1,0 +1,209 @@
+"""Bad input: every script refuses a user's mistake before any work, as one line on stderr with exit status 2 (no
+traceback), naming the flag; and no run writes over a checkpoint it did not make.
+
+Kinds (each has tests): lost work, accepted nonsense, the form of the message, the diagnosis, late failure.
+"""
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import distill_gsim
+import evaluate
+import mar
+import rl_refine
+import sample
+import train_mar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = ["--preset", "toy", "--eval-images", "0", "--max-steps", "1"]
+
+
+def refused(main, argv, capsys):
+    """Run main(argv) as its script's __main__ does; return stderr after asserting a clean refusal."""
+    with pytest.raises(SystemExit) as e:
+        common.cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture
+def run_dir(tmp_path, toy_ckpt):
+    """A finished run's folder: a good teacher checkpoint we must not lose."""
+    d = tmp_path / "run"
+    d.mkdir()
+    ckpt = d / "checkpoint-last.pth"
+    ckpt.write_bytes(open(toy_ckpt, "rb").read())
+    return str(d), str(ckpt), digest(ckpt)
+
+
+# ---- 1. lost work -----------------------------------------------------------------------------------------------
+
+def test_a_stage_never_writes_into_its_own_input(run_dir, capsys):
+    d, ckpt, before = run_dir
+    err = refused(distill_gsim.main, TOY + ["--teacher", ckpt, "--out-dir", d], capsys)
+    assert "--teacher" in err and "its own input" in err
+    err = refused(distill_gsim.main, TOY + ["--teacher", ckpt, "--out-dir", d, "--resume"], capsys)
+    assert "its own input" in err
+    assert digest(ckpt) == before
+
+
+def test_a_run_refuses_to_start_over_a_checkpoint_it_did_not_make(run_dir, toy_vae_file, capsys):
+    d, ckpt, before = run_dir
+    err = refused(train_mar.main, TOY + ["--out-dir", d, "--toy-vae", toy_vae_file], capsys)
+    assert "--out-dir" in err and "--resume" in err and "--overwrite" in err
+    assert digest(ckpt) == before
+    train_mar.main(TOY + ["--out-dir", d, "--toy-vae", toy_vae_file, "--overwrite"])  # said so: replaced
+    assert digest(ckpt) != before and mar.checkpoint_kind(mar.read_checkpoint(ckpt)) == "teacher"
+
+
+def test_rl_into_the_students_folder_is_refused(toy_student_ckpt, tmp_path, capsys):
+    d = tmp_path / "s"
+    d.mkdir()
+    ckpt = d / "checkpoint-last.pth"
+    ckpt.write_bytes(open(toy_student_ckpt, "rb").read())
+    err = refused(rl_refine.main, ["--preset", "toy", "--student", str(ckpt), "--out-dir", str(d)], capsys)
+    assert "--student" in err and "its own input" in err
+
+
+# ---- 2. accepted nonsense ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("main, argv, flag", [
+    (rl_refine.main, ["--preset", "toy", "--student", "s.pth", "--out-dir", "o", "--max-steps", "0"], "--max-steps"),
+    (sample.main, ["--preset", "toy", "--ckpt", "c.pth", "--out-dir", "o", "--num-iter", "0"], "--num-iter"),
+    (sample.main, ["--preset", "toy", "--ckpt", "c.pth", "--out-dir", "o", "--num-diffusion-steps", "0"],
+     "--num-diffusion-steps"),
+    (sample.main, ["--preset", "toy", "--ckpt", "c.pth", "--out-dir", "o", "--batch-size", "-1"], "--batch-size"),
+    (train_mar.main, ["--preset", "toy", "--out-dir", "o", "--global-batch-size", "-4"], "--global-batch-size"),
+    (train_mar.main, ["--preset", "toy", "--out-dir", "o", "--log-every", "0"], "--log-every"),
+    (distill_gsim.main, ["--preset", "toy", "--teacher", "t.pth", "--out-dir", "o", "--lr-g=-1e-4"], "--lr-g"),
+    (distill_gsim.main, ["--preset", "toy", "--teacher", "t.pth", "--out-dir", "o", "--eval-images", "-3"],
+     "--eval-images"),
+    (evaluate.main, ["--samples", "s.npz", "--toy", "--batch-size", "0"], "--batch-size"),
+    (evaluate.main, ["--samples", "s.npz", "--clip-model", "ViT-B-32"], "--clip-weights"),
+])
+def test_numbers_out_of_range_are_refused_by_flag(main, argv, flag, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = refused(main, argv, capsys)
+    assert flag in err and not os.path.exists("o")
+
+
+def test_a_student_is_not_a_teacher_and_the_other_way_round(toy_ckpt, toy_student_ckpt, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    err = refused(distill_gsim.main, TOY + ["--teacher", toy_student_ckpt, "--out-dir", out], capsys)
+    assert "--teacher" in err and "student" in err
+    err = refused(rl_refine.main, ["--preset", "toy", "--student", toy_ckpt, "--out-dir", out], capsys)
+    assert "--student" in err and "teacher" in err
+    err = refused(sample.main, ["--preset", "toy", "--ckpt", toy_ckpt, "--one-step", "--out-dir", out], capsys)
+    assert "--ckpt" in err and "drop --one-step" in err
+    err = refused(sample.main, ["--preset", "toy", "--ckpt", toy_student_ckpt, "--out-dir", out], capsys)
+    assert "add --one-step" in err
+    assert not os.path.exists(out)
+
+
+def test_toy_evaluation_refuses_imagenet_sized_images(tmp_path, capsys):
+    np.savez(tmp_path / "rgb.npz", arr_0=np.zeros((20, 64, 64, 3), np.uint8), labels=np.zeros(20, np.int64))
+    err = refused(evaluate.main, ["--samples", str(tmp_path / "rgb.npz"), "--toy"], capsys)
+    assert "--toy" in err and "64 x 64" in err
+
+
+def test_more_classes_than_the_model_has(toy_student_ckpt, tmp_path, capsys):
+    err = refused(sample.main, ["--preset", "toy", "--ckpt", toy_student_ckpt, "--one-step", "--class-num", "20",
+                                "--num-images", "20", "--out-dir", str(tmp_path / "o")], capsys)
+    assert "--class-num 20" in err and not os.path.exists(tmp_path / "o")
+
+
+# ---- 3. the form: one line, exit 2, through the real __main__ ----------------------------------------------------
+
+def test_a_missing_file_is_one_line_from_the_command_line(tmp_path):
+    r = subprocess.run([sys.executable, "sample.py", "--preset", "toy", "--ckpt", str(tmp_path / "nope.pth"),
+                        "--one-step", "--out-dir", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("sample.py: error: --ckpt")
+
+
+# ---- 4. the diagnosis ---------------------------------------------------------------------------------------------
+
+def test_a_folder_and_random_bytes_are_named_for_what_they_are(tmp_path, capsys):
+    (tmp_path / "dir.pth").mkdir()
+    err = refused(sample.main, ["--preset", "toy", "--ckpt", str(tmp_path / "dir.pth"), "--one-step",
+                                "--out-dir", str(tmp_path / "o")], capsys)
+    assert "is a folder" in err
+    (tmp_path / "rand.pth").write_bytes(os.urandom(4096))
+    err = refused(sample.main, ["--preset", "toy", "--ckpt", str(tmp_path / "rand.pth"), "--one-step",
+                                "--out-dir", str(tmp_path / "o")], capsys)
+    assert "not a torch checkpoint" in err and "Python objects" not in err
+
+
+def test_a_checkpoint_of_another_model_says_check_model(toy_student_ckpt, tmp_path, capsys):
+    torch.save({"model": {}}, tmp_path / "kl16.ckpt")
+    err = refused(sample.main, ["--ckpt", toy_student_ckpt, "--one-step", "--vae", str(tmp_path / "kl16.ckpt"),
+                                "--model", "mar_tiny", "--out-dir", str(tmp_path / "o")], capsys)
+    assert "--ckpt" in err and "does not fit the model" in err and "Check --model" in err
+
+
+def test_a_mar_checkpoint_given_as_the_vae_says_what_a_vae_is(toy_ckpt, tmp_path, capsys, monkeypatch):
+    import data
+    (tmp_path / "img" / "a").mkdir(parents=True)
+    monkeypatch.setattr(sys, "argv", ["data.py", "cache", "--data-path", str(tmp_path / "img"), "--vae", toy_ckpt,
+                                      "--out-dir", str(tmp_path / "cache")])
+    err = refused(lambda argv: data.main(), None, capsys)
+    assert "--vae" in err and "not a KL autoencoder" in err and not (tmp_path / "cache").exists()
+
+
+def test_an_empty_pickscore_folder_is_named(toy_student_ckpt, tmp_path, capsys):
+    (tmp_path / "ps").mkdir()
+    torch.save({"model": {}}, tmp_path / "kl16.ckpt")
+    err = refused(rl_refine.main, ["--student", toy_student_ckpt, "--vae", str(tmp_path / "kl16.ckpt"),
+                                   "--pickscore-model", str(tmp_path / "ps"), "--out-dir", str(tmp_path / "o")], capsys)
+    assert "--pickscore-model" in err and "config.json" in err and not os.path.exists(tmp_path / "o")
+
+
+def test_an_unreadable_image_is_named_or_skipped(tmp_path, capsys):
+    import data
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(2):
+            from PIL import Image
+            Image.new("RGB", (40, 40), (i * 50, 0, 0)).save(tmp_path / "img" / c / f"{i}.jpg")
+    good = (tmp_path / "img" / "a" / "0.jpg").read_bytes()
+    (tmp_path / "img" / "a" / "1.jpg").write_bytes(good[: len(good) // 3])  # truncated
+    ds = data.ImageFolder(str(tmp_path / "img"), 32, flip=False)
+    with pytest.raises(ValueError, match="1 unreadable image.*a/1.jpg"):
+        data.check_images(ds)
+    with pytest.raises(ValueError, match="a/1.jpg"):
+        ds.load(1)
+    skip = data.ImageFolder(str(tmp_path / "img"), 32, flip=False, skip_bad=True)
+    x, label = skip.load(1)  # the next readable image stands in, and the skip is reported by path
+    assert x.shape == (3, 32, 32) and label == 1 and "skipped" in capsys.readouterr().out
+
+
+# ---- 5. late failure: every input is read before the first expensive step ----------------------------------------
+
+def test_bad_reference_statistics_are_found_before_any_feature(tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((20, 32, 32, 3), np.uint8))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(7), sigma=np.eye(7))
+    torch.save(evaluate.FIDInception().state_dict(), tmp_path / "w.pth")
+    calls = []
+    monkeypatch.setattr(evaluate, "inception_features", lambda *a, **k: calls.append(1))
+    err = refused(evaluate.main, ["--samples", str(tmp_path / "s.npz"), "--ref-stats", str(tmp_path / "ref.npz"),
+                                  "--inception-weights", str(tmp_path / "w.pth")], capsys)
+    assert "--ref-stats" in err and "(2048,)" in err and not calls
+
+
+def test_nothing_is_written_when_an_input_is_missing(tmp_path, capsys):
+    out = tmp_path / "o"
+    refused(distill_gsim.main, ["--teacher", str(tmp_path / "t.pth"), "--cached-path", str(tmp_path),
+                                "--out-dir", str(out)], capsys)
+    refused(train_mar.main, ["--data-path", str(tmp_path / "missing"), "--vae", "v", "--out-dir", str(out)], capsys)
+    assert not out.exists()

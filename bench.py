@@ -43,6 +43,7 @@ import common
 import data
 import evaluate
 import mar
+import rewards
 
 def timed(fn, device, repeats):
     """Median wall time of fn() over `repeats` runs after one warm-up run."""
@@ -247,15 +248,12 @@ def _stage_gsim(name, opts):
     args = distill_gsim.get_args(["--teacher", "-", "--cached-path", "-", "--out-dir", "-", "--model", name,
                                   "--mask-ratio", "1"] + flags)
     teacher = mar.PRESETS[name]().eval().requires_grad_(False)
-    student, head, ema, aux, _, opt_g, opt_a = distill_gsim.build_gsim(teacher, args)
+    nets = distill_gsim.build_gsim(teacher, args)
     B = args.global_batch_size // 8
     latents, labels = torch.randn(B, teacher.vae_embed_dim, teacher.seq_h, teacher.seq_w), torch.arange(B)
-    opt_g, opt_a = _like_gpu(opt_g), _like_gpu(opt_a)
-    run = lambda: distill_gsim.gsim_step(teacher=teacher, student_head=head, aux=aux, latents=latents, labels=labels,
-                                         opt_g=opt_g, opt_a=opt_a, args=args,
-                                         gen=torch.Generator().manual_seed(0), trainable=list(head.parameters()),
-                                         precision="bf16", student=student)
-    return run, [teacher, head, ema, aux], [opt_g, opt_a], B, None
+    nets.opt_g, nets.opt_a = _like_gpu(nets.opt_g), _like_gpu(nets.opt_a)
+    run = lambda: distill_gsim.gsim_step(nets, latents, labels, torch.Generator().manual_seed(0), args, "bf16")
+    return run, [teacher, nets.head, nets.ema, nets.aux], [nets.opt_g, nets.opt_a], B, None
 
 
 def _stage_rl(name, opts):
@@ -273,7 +271,7 @@ def _stage_rl(name, opts):
     # text inputs of PickScore's tokenizer: 77 token ids a prompt (their values do not change any shape)
     tokenize = lambda texts: BatchEncoding({"input_ids": torch.zeros(len(texts), 77, dtype=torch.long),
                                             "attention_mask": torch.ones(len(texts), 77, dtype=torch.long)})
-    reward = evaluate.PickScoreReward(CLIPModel(CLIPConfig(**PICKSCORE_CONFIG)), tokenize, 224, prompts=["x"] * 1000)
+    reward = rewards.PickScoreReward(CLIPModel(CLIPConfig(**PICKSCORE_CONFIG)), tokenize, 224, prompts=["x"] * 1000)
     B = args.global_batch_size // 8
     labels = torch.arange(B)
     run = lambda: rl_refine.rl_step(policy, reference, tokenizer, reward, labels, _gens(B), opt, args)

@@ -287,7 +287,16 @@ def update_ema(ema_model, model, decay):
 def step_seed(seed, rank, step):
     """One seed per (run seed, rank, step). The scripts re-seed their generators every step from it, so a run
     resumed at step n draws exactly what the uninterrupted run drew, with no RNG state to save."""
+    # Prime strides keep runs of different --seed apart (1,000,003 steps) and ranks apart (7,919 steps); past 7,919
+    # steps rank r's seed repeats rank r+1's of 7,919 steps earlier, a draw for other data at another step: harmless.
     return (seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63)
+
+
+def image_seed(base, index, stride=1_000_003):
+    """The seed of image `index` drawn under `base` (a run's seed, or a training step's): base * stride + index,
+    distinct for every (base, index) while index < stride. sample.py seeds each image from (--seed, its global index)
+    so that its pixels do not depend on its batch or on the number of GPUs."""
+    return base * stride + index
 
 
 def machine(device="cpu"):
@@ -360,9 +369,22 @@ def plot_panels(panels, path, size=(520, 400)):
     im.save(path)
 
 
+def make_grid(images, nrow):
+    """(N, C, H, W) in [-1, 1] -> uint8 PIL grid with `nrow` images per row and a 1-pixel gap."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    N, C, H, W = x.shape
+    rows = (N + nrow - 1) // nrow
+    grid = torch.full((C, rows * (H + 1) + 1, nrow * (W + 1) + 1), 255, dtype=torch.uint8)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        grid[:, 1 + r * (H + 1): 1 + r * (H + 1) + H, 1 + c * (W + 1): 1 + c * (W + 1) + W] = x[i]
+    from PIL import Image
+    arr = grid.permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[..., 0] if C == 1 else arr)
+
+
 def class_grid(images, labels, per_class=10, zoom=3):
     """PIL grid, one row per class (the first `per_class` images of each), enlarged `zoom` times."""
-    from data import make_grid
     rows = torch.cat([images[labels == k][:per_class] for k in range(int(labels.max()) + 1)])
     im = make_grid(rows, per_class)
     return im.resize((im.width * zoom, im.height * zoom), resample=0)

@@ -166,6 +166,20 @@ def toy_tokenizer(vae_model):
     return Tokenizer(vae_model, float(vae_model.scale), float(vae_model.latent_bound))
 
 
+def load_toy_vae(path="runs/toy_vae.pt"):
+    """The toy VAE cached at `path`, trained on the toy's training split and saved (atomically) on first use, like
+    the toy classifier."""
+    import vae as vae_lib
+    if os.path.exists(path):
+        model = vae_lib.ToyVAE()
+        mar.load_state_dict_strict(model, mar.read_checkpoint(path)["model"], f"toy VAE {path!r}",
+                                   "It is a cache: delete it, or give another --toy-vae, to train a new one")
+        return model.eval().requires_grad_(False)
+    model = vae_lib.train_toy_vae(toy_digits("train")[0], toy_digits("heldout")[0])
+    common.save_checkpoint(path, {"model": model.state_dict()})
+    return model
+
+
 def toy_tokenizer_of(path, device="cpu"):
     """The toy VAE a toy checkpoint's MAR was trained on. Every toy stage saves it inside its checkpoint under
     'toy_vae' (train_mar.py writes it, the later stages copy it), so a checkpoint always decodes with the latent
@@ -174,7 +188,7 @@ def toy_tokenizer_of(path, device="cpu"):
     ck = mar.read_checkpoint(path)
     if "toy_vae" not in ck:
         raise ValueError(f"toy checkpoint {path!r} has no 'toy_vae' entry: it was "
-                         "written before the toy had a latent tokenizer (pixel tokens) or is not a toy checkpoint; "
+                         "written by a pixel-token toy or is not a toy checkpoint; "
                          "train a new toy teacher with `python train_mar.py --preset toy`")
     model = vae_lib.ToyVAE()
     mar.load_state_dict_strict(model, ck["toy_vae"], "toy VAE in the checkpoint")
@@ -205,14 +219,12 @@ def toy_digits(split="train"):
 # The toy MAR: the official architecture at toy size (~1.5M parameters) on the toy VAE's latents: img_size 16 at
 # vae_stride 4 is a 4x4 latent grid, patch_size 1 makes each position a token, vae_embed_dim 16 its width, so 16
 # tokens of 16 values, KL-16's token width (MAR-B: 256 tokens at stride 16, patch 1, 16 channels).
-# mask_ratio_min 0.3 (MAR: 0.7): with only 16 tokens the toy also trains on mostly-visible contexts; a 2,000-step
-# teacher at 0.7 was clearly under-trained (toy FID 8x the real-split floor). buffer_size 4 = L/4, as MAR's 64 slots
-# for 256 tokens: 16 slots made the toy transformer, and so the one-step student, a third slower (8.7x vs 13x).
-# diffusion_batch_mul 4 (MAR's: each token's head loss at 4 noise draws per transformer pass): 95-epoch teacher toy
-# FID 13.63 vs 14.80 at 2, for 12% more time per step (0.197 vs 0.176 s, 2 threads).
-# attn_dropout / proj_dropout 0 (MAR: 0.1): the toy is under-trained, not over-fitting, and dropout's per-element
-# random draws are 17% of a CPU step (0.176 -> 0.145 s); the 95-epoch teacher scores the same without it (13.77 vs
-# 13.63, inside the seed-set noise), so the saved time goes into more teacher epochs instead (demo.py).
+# mask_ratio_min 0.3 (MAR: 0.7): with only 16 tokens the toy also trains on mostly-visible contexts (at 0.7 the
+# teacher stays under-trained). buffer_size 4 = L/4, as MAR's 64 slots for 256 tokens (16 slots make the toy
+# transformer, and so the one-step student, a third slower). diffusion_batch_mul 4, MAR's: each token's head loss at
+# 4 noise draws per transformer pass (a better teacher than 2 for 12% more time a step). attn_dropout /
+# proj_dropout 0 (MAR: 0.1): the toy is under-trained, not over-fitting, and dropout's random draws are a sixth of a
+# CPU step. The measurements behind each choice: README, "Measured on the toy".
 TOY_MODEL = dict(img_size=16, vae_stride=4, patch_size=1, vae_embed_dim=16, class_num=10, buffer_size=4,
                  mask_ratio_min=0.3,
                  encoder_embed_dim=128, encoder_depth=3, encoder_num_heads=4, decoder_embed_dim=128, decoder_depth=3,
@@ -247,19 +259,6 @@ def toy_model_of(path):
 def toy_entries(tokenizer, config):
     """What every toy checkpoint carries besides the weights: its VAE and its MAR configuration."""
     return {"toy_vae": tokenizer.vae.state_dict(), "toy_model": dict(config)}
-
-
-def make_grid(images, nrow):
-    """(N, C, H, W) in [-1, 1] -> uint8 PIL grid with `nrow` images per row and a 1-pixel gap."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    N, C, H, W = x.shape
-    rows = (N + nrow - 1) // nrow
-    grid = torch.full((C, rows * (H + 1) + 1, nrow * (W + 1) + 1), 255, dtype=torch.uint8)
-    for i in range(N):
-        r, c = divmod(i, nrow)
-        grid[:, 1 + r * (H + 1): 1 + r * (H + 1) + H, 1 + c * (W + 1): 1 + c * (W + 1) + W] = x[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    return Image.fromarray(arr[..., 0] if C == 1 else arr)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -406,7 +405,7 @@ def main():
     else:
         x, y = toy_digits("train")
         rows = torch.cat([x[y == k][:10] for k in range(10)])
-        grid = make_grid(rows, 10)
+        grid = common.make_grid(rows, 10)
         grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST).save(args.out)
         print(f"wrote {args.out}")
 

@@ -151,7 +151,7 @@ def evaluate_all(args, d, clf):
 
 
 def write_report(report, seconds, out_dir):
-    """report.json (machine-readable, DESIGN section 10) and report.md (the table the README quotes)."""
+    """report.json (machine-readable) and report.md (the table the README quotes)."""
     report["seconds"] = seconds
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -2,7 +2,7 @@
 
 MAR's diffusion head turns each token's condition c (from the masked transformer) into a token by ~100 reverse
 diffusion steps. GSIM distills those 100 steps into ONE: the student head g_theta reads z ~ N(0, I) as x_400 and
-returns its x0 prediction (`mar.DiffLoss.sample_one_step`), and it is trained so that its per-token distribution
+returns its x0 prediction (`mar.one_step_x0`), and it is trained so that its per-token distribution
 matches the CFG-guided teacher's, while MAR's outer AR loop is kept unchanged.
 
 Three networks (all copies of the teacher's head at the start):
@@ -15,7 +15,7 @@ One iteration on a batch of real latents (only used to build realistic contexts:
   1. random order and mask; the frozen transformer gives c (class) and c_null (fake_latent) for the masked tokens,
   2. student: x0 = g_theta(z, c) for every masked token (diffusion_batch_mul draws each),
   3. x_t = alpha_t x0 + sigma_t eps with t ~ U{t_min..t_max},
-  4. generator loss `gsim_generator_loss` (DESIGN 5.1) with gradients through x_t into the frozen teacher and aux,
+  4. generator loss `gsim_generator_loss` (docs/derivation.md section 4) with gradients through x_t into the frozen teacher and aux,
   5. `aux_steps` DSM updates of phi on the detached student tokens, 6. EMA of theta.
 
 Reads --teacher (MAR checkpoint) and the data (as train_mar.py). Writes to --out-dir checkpoint-last.pth
@@ -43,12 +43,12 @@ Deliberate choices where the paper is silent or ambiguous (each is a flag):
      steps, which --teacher-cfg-schedule linear imitates by each batch's mask ratio (`gsim_step`).
   2. Time weight w(t) = sigma_t^p of the score-space divergence and t ~ U{20..980}, neither stated in the paper:
      t near 0 has Delta ~ 0 (a noise direction), t near 999 has alpha ~ 5e-5 (no signal). p = 1
-     (--time-weight-power) is DESIGN 5.1's eps form, every t weighted alike in eps units; the toy uses p = 3
+     (--time-weight-power) is the eps form of docs/derivation.md, every t weighted alike in eps units; the toy uses p = 3
      (eps-unit factor sigma_t^2 = 1 - abar_t), measured on the digits to take the student from 11.09 to 9.57 toy FID
      at K = 4 (the teacher: 11.93) with recall kept; p = 0 (uniform in score units) 17.46, t <= 500 only 15.72
      (README "Closing the gap"). A reading of those rows, not a proof: a low p over-weights the small-t end, where
      Delta is mostly noise.
-  3. Two aux steps per generator step (a 1:1 ratio at high lr lost modes in a 2-D toy, gsim_spec.md section 6; on
+  3. Two aux steps per generator step (a 1:1 ratio lets the aux lag the student: marval_2d.py --aux-steps 1; on
      the digits toy 1:1 kept FID but lost recall on every seed set, 0.766 -> 0.739, README "Closing the gap").
   4. Head-only distillation by default (transformer frozen, c shared by all three heads); --train-transformer
      also trains a student copy of the transformer.
@@ -64,6 +64,7 @@ import argparse
 import copy
 import json
 import os
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +80,7 @@ import mar
 
 
 def gsim_generator_loss(eps_teacher, eps_aux, noise, sigma, r=1e-5, path_weight=1.0, weight=None):
-    """MARVAL's GSIM generator loss in eps form (DESIGN 5.1), averaged over tokens.
+    """MARVAL's GSIM generator loss in eps form (docs/derivation.md section 4), averaged over tokens.
 
     eps_teacher: guided teacher eps at x_t (N, D); eps_aux: auxiliary eps at x_t (N, D); both must still carry the
     graph back to x_t (network PARAMETERS frozen, INPUTS not detached). noise: the eps that made x_t (N, D).
@@ -124,36 +125,60 @@ def aux_dsm_loss(aux_net, x0, c, diffusion, generator=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One GSIM iteration
+# The generator objective with its hyper-parameters, and one GSIM iteration
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def generator_loss_fp32(teacher_head, aux, x_t, t, c, c_null, eps, sigma, args, cfg):
-    """The generator loss with the teacher and auxiliary head calls (and so Delta) in fp32 whatever the autocast
-    around it: the pseudo-Huber gradient keeps only Delta / |Delta|, and eps_p, eps_phi rounded to bf16 before the
-    subtraction lose that direction as the student converges (DESIGN 11). cfg: the teacher's CFG scale for this
-    batch (gsim_step). Returns (loss, eps_p, eps_phi)."""
-    C = x_t.shape[-1]
-    with torch.autocast(x_t.device.type, enabled=False):
-        x_t, c, c_null = x_t.float(), c.float(), c_null.float()
-        eps_p = mar.guided_eps(teacher_head, x_t, t, c, c_null, cfg)[:, :C]               # (mN, C)
-        eps_phi = aux(x_t, t, c)[:, :C]                                                     # (mN, C)
-        p = args.time_weight_power
-        weight = None if p == 1.0 else sigma.float() ** (p - 1.0)  # (mN,): w(t) = sigma_t^p (note 2); p = 1: no op
-        return gsim_generator_loss(eps_p, eps_phi, eps, sigma, args.r, args.path_weight, weight), eps_p, eps_phi
+class GeneratorLoss:
+    """GSIM's generator objective (MARVAL arXiv:2511.15190 sec. 3 and supplementary A.10-A.11; docs/derivation.md
+    section 4) with every hyper-parameter explicit, as EDM keeps its losses (Karras et al. 2022, arXiv:2206.00364,
+    training/loss.py): called on the student's tokens it draws t and eps, noises the tokens and returns the loss; the
+    training loop owns backward and the optimizers.
 
-
-def gsim_step(*, teacher, student_head, aux, latents, labels, opt_g, opt_a, args, gen, trainable, precision="fp32",
-              student=None):
-    """One generator update and `args.aux_steps` auxiliary updates on a batch of latents (B, C, H, W), labels (B,).
-    Keyword arguments only: three networks and two optimizers are easy to swap by position.
-
-    teacher: the frozen MAR (its transformer gives the contexts, its head the guided target eps_p). student_head:
-    the one-step head g_theta being trained. student: with --train-transformer, the student's own MAR (whose head
-    is `student_head`), else None (head-only: the teacher's transformer is shared, no copy of it is kept).
+    diffusion: the head's 1000-step process. r: pseudo-Huber constant in SCORE units (MARVAL Table 1: 1e-5).
+    path_weight: 1 is GSIM (the divergence's exact gradient), 0 SIM's loss. time_weight_power p: w(t) = sigma_t^p
+    in score units (note 2). t_min, t_max: t ~ U{t_min..t_max} (note 2).
     """
+
+    def __init__(self, diffusion, r=1e-5, path_weight=1.0, time_weight_power=1.0, t_min=20, t_max=980):
+        self.diffusion, self.r, self.path_weight = diffusion, r, path_weight
+        self.p, self.t_min, self.t_max = time_weight_power, t_min, t_max
+
+    def sigma(self, t):
+        return (1 - self.diffusion.table("alphas_cumprod", t.device)[t]).sqrt().float()  # (N,) sigma_t
+
+    def __call__(self, x0, eps_teacher, eps_aux, generator=None):
+        """x0 (N, C): student tokens with their graph to theta. eps_teacher(x_t, t), eps_aux(x_t, t) -> (N, C): the
+        guided teacher's eps_p (MARVAL Eq. 10) and the aux's eps_phi, networks whose parameters are frozen here.
+        Returns (loss, |y| per token in score units (N,), detached)."""
+        t = mar.randint(self.t_min, self.t_max + 1, (len(x0),), generator, x0.device)
+        eps = mar.randn(x0.shape, generator, x0.device)
+        loss, eps_p, eps_phi = self.at(self.diffusion.q_sample(x0, t, eps), t, eps, eps_teacher, eps_aux)
+        return loss, ((eps_p - eps_phi).norm(dim=-1) / self.sigma(t)).detach()
+
+    def at(self, x_t, t, eps, eps_teacher, eps_aux):
+        """The loss at x_t = alpha_t x0 + sigma_t eps (N, C), t (N,): (loss, eps_p, eps_phi). The teacher and aux run
+        in fp32 whatever the autocast around: the pseudo-Huber gradient keeps only Delta / |Delta|, which bf16
+        rounding of eps_p and eps_phi before the subtraction loses as the student converges (docs/derivation.md)."""
+        sigma = self.sigma(t)                                                           # (N,)
+        with torch.autocast(x_t.device.type, enabled=False):
+            x_t = x_t.float()
+            eps_p, eps_phi = eps_teacher(x_t, t), eps_aux(x_t, t)                       # (N, C) each, graphs to x_t
+            weight = None if self.p == 1.0 else sigma ** (self.p - 1.0)  # eps-unit factor of w(t) = sigma_t^p
+            loss = gsim_generator_loss(eps_p, eps_phi, eps, sigma, self.r, self.path_weight, weight)
+        return loss, eps_p, eps_phi
+
+
+def gsim_step(nets, latents, labels, gen, args, precision="fp32"):
+    """One GSIM iteration (the loop of MARVAL's stage 1) on a batch of latents (B, C, H, W) and labels (B,):
+
+      1. contexts: a random order and one mask ratio; the frozen transformer gives c and c_null per masked token,
+      2. student tokens x0 = g_theta(z, c), z ~ N(0, I) read as x_400 (mar.one_step_x0),
+      3. the generator loss (`GeneratorLoss`: x_t, guided teacher eps_p, aux eps_phi) and one optimizer step,
+      4. `args.aux_steps` DSM updates of the aux network on the detached x0.
+    The EMA of the student is the caller's (after the step). nets: `build_gsim`'s bundle. Returns 0-d tensors."""
+    teacher, head, aux = nets.teacher, nets.head, nets.aux
     device, C = latents.device, teacher.token_embed_dim
-    diff = teacher.diffloss.train_diffusion
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     # 1. contexts: random order, one mask ratio for the batch, conditions from the frozen teacher transformer
     gt = teacher.patchify(latents)                                                    # (B, L, C)
@@ -171,57 +196,56 @@ def gsim_step(*, teacher, student_head, aux, latents, labels, opt_g, opt_a, args
     with torch.no_grad(), autocast:
         c = masked_conditions(teacher, teacher.class_emb(labels))
         c_null = masked_conditions(teacher, teacher.fake_latent.expand(len(gt), -1))
-    if student is not None:  # the student's own conditions (with grad); teacher and aux keep the teacher's c
+    if nets.student is not None:  # the student's own conditions (with grad); teacher and aux keep the teacher's c
         with autocast:
-            c_student = masked_conditions(student, student.class_emb(labels))
+            c_student = masked_conditions(nets.student, nets.student.class_emb(labels))
     else:
         c_student = c
     m = teacher.diffusion_batch_mul  # several (z, t, eps) draws per token, as MAR's training does
     c, c_null, c_student = c.repeat(m, 1), c_null.repeat(m, 1), c_student.repeat(m, 1)   # (mN, Dz)
-    # 2.-3. one-step student tokens, re-noised at t ~ U{t_min..t_max}
+    # 2. one-step student tokens
     z = mar.randn((len(c), C), gen, device)
     with autocast:
-        x0 = mar.one_step_x0(student_head, z, c_student, diff).float()                # (mN, C), graph to theta
-    t = mar.randint(args.t_min, args.t_max + 1, (len(x0),), gen, device)
-    eps = mar.randn(x0.shape, gen, device)
-    x_t = diff.q_sample(x0, t, eps)                                                   # (mN, C)
-    sigma = (1 - diff.table("alphas_cumprod", device)[t]).sqrt().float()              # (mN,)
-    # 4. generator loss: teacher and aux parameters frozen, their inputs NOT detached (gradients flow via x_t)
-    aux.requires_grad_(False)
+        x0 = mar.one_step_x0(head, z, c_student, teacher.diffloss.train_diffusion).float()  # (mN, C), graph to theta
+    # 3. generator loss: teacher and aux parameters frozen, their inputs NOT detached (gradients flow via x_t).
     # The target's CFG scale (note 1). "constant": --teacher-cfg for every context (the paper gives one scale).
     # "linear": MAR's sampler ramp (`mar.cfg_scale_at`) with the context's masked count as the count still masked,
     # so mostly-masked contexts (early AR steps) get little guidance and mostly-visible ones nearly --teacher-cfg. A
     # context does not say which AR step it stands for: this is the scale of the step that LEAVES that many masked,
     # one step behind the step that starts from it (K-free by design). Every row has the same count (random_masking).
     cfg = mar.cfg_scale_at(args.teacher_cfg, mask.shape[1], n_masked, args.teacher_cfg_schedule)
-    loss_g, eps_p, eps_phi = generator_loss_fp32(teacher.diffloss.net, aux, x_t, t, c, c_null, eps, sigma, args, cfg)
-    opt_g.zero_grad(set_to_none=True)
+    eps_teacher = lambda x_t, t: mar.guided_eps(teacher.diffloss.net, x_t, t, c, c_null, cfg)[:, :C]  # eps_p
+    eps_aux = lambda x_t, t: aux(x_t, t, c)[:, :C]                                                     # eps_phi
+    aux.requires_grad_(False)
+    loss_g, y = nets.loss(x0, eps_teacher, eps_aux, gen)
+    trainable = list((nets.student or head).parameters())
+    nets.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     common.all_reduce_grads(trainable)
     gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-    opt_g.step()
+    nets.opt_g.step()
     aux.requires_grad_(True)
-    # 5. auxiliary: DSM on the detached student tokens, fresh t and eps each step
+    # 4. auxiliary: DSM on the detached student tokens, fresh t and eps each step
     x0_d = x0.detach()
     for _ in range(args.aux_steps):
         with autocast:
-            loss_a = aux_dsm_loss(aux, x0_d, c, diff, gen)
-        opt_a.zero_grad(set_to_none=True)
+            loss_a = aux_dsm_loss(aux, x0_d, c, teacher.diffloss.train_diffusion, gen)
+        nets.opt_a.zero_grad(set_to_none=True)
         loss_a.backward()
         common.all_reduce_grads(list(aux.parameters()))
         torch.nn.utils.clip_grad_norm_(aux.parameters(), args.grad_clip)
-        opt_a.step()
-    with torch.no_grad():
-        y = (eps_p - eps_phi).norm(dim=-1) / sigma                                      # |y| in score units
+        nets.opt_a.step()
     # 0-d tensors (the log reads them): no host copy inside the step
     return {"loss_g": loss_g.detach(), "loss_aux": loss_a.detach(), "y_mean": y.mean(), "y_max": y.max(),
             "grad_norm_g": gnorm, "mask_ratio": n_masked / mask.shape[1]}
 
 
 def build_gsim(teacher, args):
-    """The trained networks around ONE frozen teacher MAR: (student MAR or None, student head, its EMA, aux head,
-    trainable parameters, generator optimizer, aux optimizer). Head-only (default) keeps no copy of the transformer:
-    the student is the teacher's transformer + the student head, and its EMA is an EMA of the head alone."""
+    """What GSIM trains around ONE frozen teacher MAR, as a namespace: teacher, student (its own MAR with
+    --train-transformer, else None), head (the one-step head g_theta being trained), ema (of the student MAR, or of
+    the head alone), aux (the auxiliary head phi), opt_g and opt_a (their AdamW), loss (the `GeneratorLoss`).
+    Head-only (default) keeps no copy of the transformer: the student is the teacher's transformer + the student
+    head."""
     # Block checkpointing of all three heads: each keeps its activations for the backward through x_t otherwise
     # (MAR-H at 64 per GPU: README, "Memory at the paper's sizes"). The frozen transformer runs without grad:
     # nothing to keep.
@@ -229,17 +253,19 @@ def build_gsim(teacher, args):
     if args.train_transformer:
         student = copy.deepcopy(teacher).requires_grad_(True)
         student.grad_checkpointing = args.grad_checkpointing
-        student_head, ema = student.diffloss.net, copy.deepcopy(student)      # EMA of the whole student MAR
+        head, ema = student.diffloss.net, copy.deepcopy(student)               # EMA of the whole student MAR
     else:
         student = None
-        student_head = copy.deepcopy(teacher.diffloss.net).requires_grad_(True)
-        ema = copy.deepcopy(student_head)                                      # EMA of the head alone
+        head = copy.deepcopy(teacher.diffloss.net).requires_grad_(True)
+        ema = copy.deepcopy(head)                                               # EMA of the head alone
     ema.requires_grad_(False)
     aux = copy.deepcopy(teacher.diffloss.net).requires_grad_(True)
-    trainable = list((student or student_head).parameters())
-    opt_g = torch.optim.AdamW(trainable, lr=args.lr_g, betas=tuple(args.betas), weight_decay=0.0)
+    opt_g = torch.optim.AdamW((student or head).parameters(), lr=args.lr_g, betas=tuple(args.betas), weight_decay=0.0)
     opt_a = torch.optim.AdamW(aux.parameters(), lr=args.lr_aux, betas=tuple(args.betas), weight_decay=0.0)
-    return student, student_head, ema, aux, trainable, opt_g, opt_a
+    loss = GeneratorLoss(teacher.diffloss.train_diffusion, args.r, args.path_weight, args.time_weight_power,
+                         args.t_min, args.t_max)
+    return SimpleNamespace(teacher=teacher, student=student, head=head, ema=ema, aux=aux, opt_g=opt_g, opt_a=opt_a,
+                           loss=loss)
 
 
 def with_head(mar_state, head_state):
@@ -259,9 +285,11 @@ def head_of(mar_state):
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
-# Toy: 30 epochs = 630 steps (~2.5 min on 2 cores) at lr 2e-4 for the student and the aux head, time weight
-# sigma_t^3 (note 2). Measured on the demo's 150-epoch teacher at K = 4, three seed sets (README): at lr 1e-4 the
-# same 30 epochs leave the student behind (1.06x); lr 2e-4 reaches 0.93x, and the time weight 0.80x (0.98x at K = 8).
+# Toy: 30 epochs (630 steps) at lr 2e-4 for the student and the aux head, time weight sigma_t^3 (note 2): the
+# settings that brought the student closest to its teacher on the digits (README, "Closing the gap").
+# The toy evaluations' fixed sample sets (evaluate.sample_toy draws batch i from seed + i): the student's progress
+# during the run, and the final teacher-vs-student comparison, each the same images every time.
+PROGRESS_SEED, FINAL_SEED = 10_000, 20_000
 TOY_DEFAULTS = dict(out_dir="runs/toy_student", global_batch_size=64, lr_g=2e-4, lr_aux=2e-4, ema_rate=0.99,
                     grad_clip=1.0, epochs=30, time_weight_power=3.0, log_every=25, save_every=250, eval_every=250)
 
@@ -298,7 +326,7 @@ def get_args(argv=None):
     g.add_argument("--t-min", type=common.number(int, 0, 999), default=20, help="generator loss t range (of 1000)")
     g.add_argument("--t-max", type=common.number(int, 0, 999), default=980)
     g.add_argument("--time-weight-power", type=common.NONNEG, default=1.0,
-                   help="time weight w(t) = sigma_t^p of the score-space loss (1: DESIGN 5.1; toy: 3, note 2)")
+                   help="time weight w(t) = sigma_t^p of the score-space loss (1: eps units; toy: 3, note 2)")
     g.add_argument("--aux-steps", type=common.COUNT, default=2,
                    help="aux DSM updates per generator update (>= 1: the aux net must keep tracking the student)")
     g.add_argument("--uniform-mask-prob", type=common.FRACTION, default=0.5,
@@ -374,8 +402,10 @@ def main(argv=None):
     # -- models: ONE frozen teacher MAR; the student head (and with --train-transformer the student's transformer),
     # its EMA, and the auxiliary head. Head-only keeps no copy of the transformer: the student is saved as the
     # teacher's transformer + the student head, a plain MAR checkpoint.
-    student, student_head, ema, aux, trainable, opt_g, opt_a = build_gsim(teacher, args)
-    common.print0(f"student: {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters "
+    nets = build_gsim(teacher, args)
+    student, student_head, ema, aux, opt_g, opt_a = nets.student, nets.head, nets.ema, nets.aux, nets.opt_g, nets.opt_a
+    n_trained = sum(p.numel() for p in (student or student_head).parameters())
+    common.print0(f"student: {n_trained / 1e6:.2f}M trainable parameters "
                f"({'transformer + head' if student else 'head only'}); teacher cfg {args.teacher_cfg}; {precision}, "
                f"teacher/aux heads of the generator loss in fp32")
     teacher_sd = dict(teacher.state_dict()) if student is None else None
@@ -431,9 +461,7 @@ def main(argv=None):
             gen = torch.Generator(device).manual_seed(common.step_seed(args.seed, rank, step))
             with torch.no_grad():
                 latents = to_latents(xb, gen)
-            stats = gsim_step(teacher=teacher, student_head=student_head, aux=aux, latents=latents, labels=yb,
-                              opt_g=opt_g, opt_a=opt_a, args=args, gen=gen, trainable=trainable, precision=precision,
-                              student=student)
+            stats = gsim_step(nets, latents, yb, gen, args, precision)
             step += 1
             common.update_ema(ema, student or student_head, args.ema_rate)
             log.add(stats)
@@ -462,7 +490,7 @@ def main(argv=None):
 
 def student_metrics(student, tokenizer, evaluator, args):
     imgs, labels, _ = evaluate.sample_toy(student, tokenizer, args.eval_images, args.eval_num_iter, one_step=True,
-                                          seed=10_000)
+                                          seed=PROGRESS_SEED)
     m = evaluator(imgs, labels)
     return {"student_toy_fid": m["toy_fid"], "student_accuracy": m["accuracy"]}
 
@@ -473,7 +501,7 @@ def compare_on_toy(teacher, student, tokenizer, evaluator, args):
     out = {}
     for who, model, kw in (("teacher", teacher, dict(cfg=args.teacher_cfg)), ("student", student, dict(one_step=True))):
         evaluate.sample_toy(model, tokenizer, 20, args.eval_num_iter, **kw)  # warm-up: first-call costs out of the timing
-        imgs, labels, sec = evaluate.sample_toy(model, tokenizer, args.eval_images, args.eval_num_iter, seed=20_000,
+        imgs, labels, sec = evaluate.sample_toy(model, tokenizer, args.eval_images, args.eval_num_iter, seed=FINAL_SEED,
                                                 **kw)
         common.save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{who}.png"))
         out[who] = dict(evaluator(imgs, labels), sec_per_image=sec)

@@ -12,22 +12,16 @@ it. Read it top to bottom:
      one-step sampler (K AR iterations x 1 head call from the fixed step t* = 400),
   5. presets (the released B / L / H and a tiny one) and checkpoint loading (strict, EMA weights by default).
 
-The run machinery around it (process group, all-reduce, run log, atomic save, EMA, seeds) is in common.py.
-README's equation index maps every equation of the papers to its function.
+The run machinery (process group, all-reduce, run log, atomic save, EMA, seeds) is in common.py; README's equation
+index maps every equation of the papers to its function. Nothing here calls `.cuda()`: the device comes from the
+inputs. Randomness rule (every file): a draw takes its GENERATOR's device, then moves to where it is used (`randn`,
+`rand`, `randint` below): torch refuses a CPU draw from a CUDA generator, which no CPU test can see.
 
-Nothing here calls `.cuda()`: the device comes from the inputs. Randomness takes an optional `torch.Generator`
-(or, in the sampler, one generator per image, so an image does not depend on who else is in its batch).
-
-Randomness rule (every file of the project): a draw takes its GENERATOR's device, then moves to where it is used
-(`randn`, `rand`, `randint` below). torch refuses a CPU draw from a CUDA generator, and no CPU test can see such a
-draw: it crashes on the first GPU step. A scalar (a mask ratio) is drawn on the generator's device and `.item()`-ed.
-
-Quick use:
-    import mar
-    model = mar.mar_base()                                     # 207,924,768 parameters
-    mar.load_mar("pretrained_models/mar/mar_base/checkpoint-last.pth", model)   # EMA weights, strict
-    latents = model.sample_tokens(4, num_iter=64, cfg=2.9, labels=torch.tensor([1, 2, 3, 4]))  # teacher
-    latents = model.sample_tokens(4, num_iter=64, labels=..., one_step=True)                     # MARVAL
+Quick use (sampling under no_grad: with grad mode on, the latents keep the graph of every AR step):
+    model = mar.load_mar("mar_base/checkpoint-last.pth", mar.mar_base()).eval()      # EMA weights, strict
+    with torch.no_grad():
+        latents = model.sample_tokens(4, num_iter=64, cfg=2.9, labels=torch.tensor([1, 2, 3, 4]))  # teacher
+        latents = model.sample_tokens(4, num_iter=64, labels=..., one_step=True)                     # MARVAL
     images = vae.decode(latents / 0.2325)
 """
 import argparse
@@ -185,10 +179,11 @@ class SimpleMLPAdaLN(nn.Module):
 
 
 class DiffLoss(nn.Module):
-    """MAR's Diffusion Loss (MAR arXiv:2406.11838 sec. 3.2, Eq. 1): a small denoiser eps_theta(x_t | t, z) models
-    each token's distribution p(x | z) given the transformer's condition z, trained by
+    """MAR's Diffusion Loss (MAR arXiv:2406.11838 sec. 3.2, Eq. 1): a small denoiser eps_theta(x_t | t, c) models
+    each token's distribution p(x | c) given the transformer's condition c (MAR's paper calls it z; here z is
+    MARVAL's noise input of the one-step generator), trained by
 
-        L(z, x) = E_{eps, t} |eps - eps_theta(x_t | t, z)|^2     (+ IDDPM's variance term, gaussian_diffusion.py)
+        L(c, x) = E_{eps, t} |eps - eps_theta(x_t | t, c)|^2     (+ IDDPM's variance term, gaussian_diffusion.py)
 
     `net` plus the training (1000-step) and sampling (respaced) diffusions."""
 
@@ -206,9 +201,9 @@ class DiffLoss(nn.Module):
             self._gen[key] = GaussianDiffusion(1000, key)
         return self._gen[key]
 
-    def forward(self, target, z, rows=None, generator=None):
-        """Training loss: target tokens (N, C), conditions z (N, Dz), `rows` (n,) the indices of the rows whose loss
-        counts (None: all). t ~ U{0..999} and the noise are drawn for all N rows, then indexed.
+    def forward(self, target, c, rows=None, generator=None):
+        """Training loss: target tokens (N, C), the transformer's conditions c (N, Dz), `rows` (n,) the indices of the
+        rows whose loss counts (None: all). t ~ U{0..999} and the noise are drawn for all N rows, then indexed.
 
         MAR runs the head on every row and multiplies the loss by the 0/1 mask; rows of weight 0 add nothing to the
         loss or its gradient, so only the counted rows are run: the same draws and the same loss, bit for bit, with
@@ -217,14 +212,10 @@ class DiffLoss(nn.Module):
         t = randint(0, 1000, (len(target),), generator, target.device)
         noise = randn(target.shape, generator, target.device)
         if rows is None:
-            return self.train_diffusion.training_losses(self.net, target, t, z, noise)["loss"].mean()
+            return self.train_diffusion.training_losses(self.net, target, t, c, noise)["loss"].mean()
         pick = lambda x: x.index_select(0, rows)  # (n, ...) the counted rows, in the order of `rows`
-        loss = self.train_diffusion.training_losses(self.net, pick(target), pick(t), pick(z), pick(noise))["loss"]
+        loss = self.train_diffusion.training_losses(self.net, pick(target), pick(t), pick(c), pick(noise))["loss"]
         return loss.sum() / len(rows)  # = MAR's (loss * mask).sum() / mask.sum() for a 0/1 mask
-
-    def guided_eps(self, x, t, c, c_null=None, cfg=1.0):
-        """Head output (N, 2C) with CFG on eps only (see `guided_eps` below)."""
-        return guided_eps(self.net, x, t, c, c_null, cfg)
 
     def sample(self, c, x_T, step_noise, c_null=None, cfg=1.0, temperature=1.0, num_steps=None, clip_denoised=False):
         """MAR teacher: reverse diffusion of N tokens from x_T (N, C) over the respaced steps, CFG on eps.
@@ -238,13 +229,9 @@ class DiffLoss(nn.Module):
         x = x_T
         for k in reversed(range(diff.num_timesteps)):
             t = torch.full((len(x),), k, dtype=torch.long, device=x.device)
-            out = self.guided_eps(x, diff.original_t(t), c, c_null, cfg)
+            out = guided_eps(self.net, x, diff.original_t(t), c, c_null, cfg)
             x = diff.p_sample(out, x, t, step_noise[k], temperature, clip_denoised)
         return x
-
-    def sample_one_step(self, c, z, c_null=None, cfg=1.0, clip_denoised=False):
-        """MARVAL one-step generator with this module's head (see `one_step_x0` below)."""
-        return one_step_x0(self.net, z, c, self.train_diffusion, c_null, cfg, clip_denoised)
 
 
 def guided_eps(net, x, t, c, c_null=None, cfg=1.0):
@@ -266,7 +253,7 @@ def guided_eps(net, x, t, c, c_null=None, cfg=1.0):
 def one_step_x0(net, z, c, diffusion, c_null=None, cfg=1.0, clip_denoised=False):
     """MARVAL one-step generator g_theta(z, c): read z ~ N(0, I) (N, C) as x_400 and return the head's x0 prediction
 
-        x0 = (z - sqrt(1 - abar_400) * eps_hat(z, 400, c)) / sqrt(abar_400) = 1.24420 z - 0.74028 eps_hat.
+        x0 = (z - sqrt(1 - abar_400) * eps_hat(z, 400, c)) / sqrt(abar_400) = 1.244193 z - 0.740281 eps_hat.
 
     (MARVAL arXiv:2511.15190 sec. 3: "the one-step generator predicts the noise from the fixed step 400".)
     `diffusion` is the 1000-step process. Differentiable in the head's weights and in z and c. cfg = 1 is the
@@ -281,14 +268,9 @@ def one_step_x0(net, z, c, diffusion, c_null=None, cfg=1.0, clip_denoised=False)
 # ==== Masking helpers ===========================================================================================
 
 def truncnorm_mask_ratio(mask_ratio_min, generator=None):
-    """One masking ratio from N(1, 0.25^2) truncated to [mask_ratio_min, 1] (MAR training), by inverse CDF.
-
-    MAR sec. 4.2 samples training masking ratios in [0.7, 1]; the law (a Gaussian at 1 with std 0.25, truncated) is
-    the official code's. Inverse CDF: r = 1 + 0.25 Phi^-1(Phi(a) + u (Phi(0) - Phi(a))), a = (min - 1) / 0.25.
-
-    Same law as the official scipy.stats.truncnorm(a=(min-1)/0.25, b=0, loc=1, scale=0.25); drawn from a torch
-    generator so runs are reproducible without numpy's global state.
-    """
+    """One masking ratio from N(1, 0.25^2) truncated to [mask_ratio_min, 1] (MAR sec. 4.2; the official code's
+    scipy.stats.truncnorm(a=(min-1)/0.25, b=0, loc=1, scale=0.25)) by inverse CDF, from a torch generator:
+    r = 1 + 0.25 Phi^-1(Phi(a) + u (Phi(0) - Phi(a))), a = (min - 1) / 0.25, u ~ U[0, 1)."""
     u = rand((), generator, dtype=torch.float64).item()  # on the generator's device (the randomness rule)
     lo = 0.5 * (1 + math.erf((mask_ratio_min - 1) / 0.25 / math.sqrt(2)))  # Phi(a); Phi(b = 0) = 0.5
     p = lo + u * (0.5 - lo)
@@ -325,11 +307,9 @@ def cfg_scale_at(cfg, seq_len, mask_len, schedule="linear"):
 
 
 def split_positions(mask, n_masked=None):
-    """Positions of the visible and of the masked tokens of a (B, L) mask (1 = masked), each in ascending order:
-    index tensors (B, L - n_masked) and (B, n_masked). Every row masks the same count `n_masked`, which every caller
-    that made the mask knows on the host; without it the count is read off the mask (a device-to-host copy). A stable
-    sort puts the 0s (visible) before the 1s and keeps each group in position order, the order boolean indexing
-    gives, so gathers with these indices match MAR's `x[mask.bool()]` bit for bit with shapes known in advance."""
+    """Visible and masked positions of a (B, L) mask (1 = masked), each ascending: (B, L - n_masked), (B, n_masked).
+    Every row masks `n_masked` tokens, a count its maker knows on the host (without it: read off the mask, a
+    device-to-host copy). Ascending as boolean indexing gives them, so gathers match MAR's x[mask.bool()] exactly."""
     L = mask.shape[1]
     if n_masked is None:
         n_masked = int(mask[0].sum())
@@ -347,23 +327,19 @@ def _gen_device(generator, device):
     return generator.device if generator is not None else (device or "cpu")
 
 
-def _to(x, device):
-    return x if device is None else x.to(device)
-
-
 def randn(shape, generator=None, device=None):
     """N(0, 1) noise of `shape` drawn on the generator's device, returned on `device`."""
-    return _to(torch.randn(shape, generator=generator, device=_gen_device(generator, device)), device)
+    return torch.randn(shape, generator=generator, device=_gen_device(generator, device)).to(device)
 
 
 def rand(shape, generator=None, device=None, dtype=None):
     """U[0, 1) of `shape` drawn on the generator's device, returned on `device`."""
-    return _to(torch.rand(shape, generator=generator, device=_gen_device(generator, device), dtype=dtype), device)
+    return torch.rand(shape, generator=generator, device=_gen_device(generator, device), dtype=dtype).to(device)
 
 
 def randint(low, high, shape, generator=None, device=None):
     """Integers in [low, high) of `shape` drawn on the generator's device, returned on `device`."""
-    return _to(torch.randint(low, high, shape, generator=generator, device=_gen_device(generator, device)), device)
+    return torch.randint(low, high, shape, generator=generator, device=_gen_device(generator, device)).to(device)
 
 
 def _randn(shape, gens, device):
@@ -498,7 +474,7 @@ class MAR(nn.Module):
         return self.encoder_norm(self._run(self.encoder_blocks, x))
 
     def forward_mae_decoder(self, x, mask):
-        """Encoder output (B, buffer + n_visible, De) -> per-token conditions z (B, L, Dd) for the head."""
+        """Encoder output (B, buffer + n_visible, De) -> per-token conditions c (B, L, Dd) for the head."""
         x = self.decoder_embed(x)  # (B, buffer + n_visible, Dd)
         B, n_keep, Dd = x.shape
         keep = self._keep_index(mask, self.buffer_size + self.seq_len - n_keep)  # the count read off x's shape
@@ -510,7 +486,7 @@ class MAR(nn.Module):
         return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned  # (B, L, Dd)
 
     def conditions(self, tokens, mask, class_embedding, generator=None, n_masked=None):
-        """Encoder + decoder: per-token head conditions z (B, L, Dd). n_masked: see `forward_mae_encoder`."""
+        """Encoder + decoder: per-token head conditions c (B, L, Dd). n_masked: see `forward_mae_encoder`."""
         return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, class_embedding, generator, n_masked),
                                         mask)
 
@@ -523,17 +499,17 @@ class MAR(nn.Module):
         orders = self.sample_orders(B, generator, gt.device)
         n_masked = self.num_masked(mask_ratio, generator)
         mask = self.random_masking(orders, n_masked)
-        z = self.conditions(gt, mask, self.class_emb(labels), generator, n_masked)  # (B, L, Dd)
+        c = self.conditions(gt, mask, self.class_emb(labels), generator, n_masked)  # (B, L, Dd)
         # diffusion_batch_mul copies of every token (tiled, not interleaved), each with its own t and noise.
         m = self.diffusion_batch_mul
         target = gt.reshape(-1, gt.shape[-1]).repeat(m, 1)  # (m B L, C)
-        z = z.reshape(-1, z.shape[-1]).repeat(m, 1)         # (m B L, Dd)
+        c = c.reshape(-1, c.shape[-1]).repeat(m, 1)         # (m B L, Dd)
         # The loss counts the masked tokens only: their row indices in the (m, B, L) tiling, copy-major, then
         # image, then ascending position (the order of MAR's flattened mask).
         _, masked = split_positions(mask, n_masked)                                      # (B, n_masked)
         offsets = torch.arange(m * B, device=gt.device).reshape(m, B, 1) * L              # (m, B, 1)
         rows = (offsets + masked[None]).reshape(-1)                                       # (m B n_masked,)
-        return self.diffloss(target, z, rows, generator)
+        return self.diffloss(target, c, rows, generator)
 
     # -- sampling ---------------------------------------------------------------------------------------------------
     def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
@@ -547,16 +523,13 @@ class MAR(nn.Module):
         `clip_denoised` bounds every predicted x0 (`clip_x0`): False as in MAR, the toy teacher its latents' range.
 
         generator: a torch.Generator, or a list of B generators (one per image: an image then depends only on its
-        own generator, not on its batch). Gradients flow when enabled (RL): `checkpoint_steps` wraps every AR step in
-        torch.utils.checkpoint (noise is drawn outside, so recomputation is exact); `grad_steps=k` keeps the graph
-        only for the last k AR steps (DRaFT-k truncation). `step_callback(step, tokens, mask, n_masked, pos, noise)`
-        is called before each AR step with its inputs (RL uses it to run a frozen reference on the same context and
-        noise). Inference callers wrap this in torch.no_grad(): with grad mode on, the returned latents carry the
-        graph of every AR step.
+        own generator, not on its batch). Inference runs under torch.no_grad(): with grad mode on, the latents keep
+        every AR step's graph, as RL wants: `checkpoint_steps` wraps each AR step in torch.utils.checkpoint (noise is
+        drawn outside, so recomputation is exact), `grad_steps=k` keeps the graph of the last k only (DRaFT-k), and
+        `step_callback(step, tokens, mask, n_masked, pos, noise)` sees each step's inputs (RL's frozen reference).
 
-        Every shape is known on the host: the schedule fixes how many tokens each step predicts, and the still-masked
-        set is always a prefix of `orders`. The loop indexes with tensors of those sizes (no boolean masks, no
-        device-to-host copy), so an AR step can be captured by CUDA graphs or torch.compile.
+        Every shape is known on the host (the schedule fixes each step's count, and the still-masked set is a prefix of
+        `orders`): index tensors of those sizes, no device-to-host copy, an AR step CUDA graphs can capture.
         """
         device = self.fake_latent.device
         L, C = self.seq_len, self.token_embed_dim
@@ -586,7 +559,8 @@ class MAR(nn.Module):
 
             def head(c, c_null, noise, cfg_k=cfg_k):  # the per-token generator of this AR step: (B k, Dz) -> (B k, C)
                 if one_step:
-                    return self.diffloss.sample_one_step(c, noise, c_null, cfg_k, clip_denoised)
+                    return one_step_x0(self.diffloss.net, noise, c, self.diffloss.train_diffusion, c_null, cfg_k,
+                                       clip_denoised)
                 return self.diffloss.sample(c, noise[0], noise[1:], c_null, cfg_k, temperature, num_diffusion_steps,
                                             clip_denoised)
 
@@ -608,10 +582,10 @@ class MAR(nn.Module):
         B, k = pos.shape
         cls = self.class_emb(labels) if labels is not None else self.fake_latent.expand(B, -1)
         if guided:  # CFG: the second half of the batch is unconditional (fake_latent), same tokens and mask
-            z = self.conditions(torch.cat([tokens, tokens]), torch.cat([mask, mask]),
-                                torch.cat([cls, self.fake_latent.expand(B, -1)]), n_masked=n_masked)  # (2B, L, Dd)
-            z = gather_rows(z, torch.cat([pos, pos])).flatten(0, 1)  # (2B k, Dd): image-major, ascending position
-            c, c_null = z.chunk(2)  # (B k, Dd) each
+            c2 = self.conditions(torch.cat([tokens, tokens]), torch.cat([mask, mask]),
+                                 torch.cat([cls, self.fake_latent.expand(B, -1)]), n_masked=n_masked)  # (2B, L, Dd)
+            c2 = gather_rows(c2, torch.cat([pos, pos])).flatten(0, 1)  # (2B k, Dd): image-major, ascending position
+            c, c_null = c2.chunk(2)  # (B k, Dd) each
         else:
             c, c_null = gather_rows(self.conditions(tokens, mask, cls, n_masked=n_masked), pos).flatten(0, 1), None
         x0 = head(c, c_null, noise).to(tokens.dtype).reshape(B, k, -1)  # (B, k, C)
@@ -712,10 +686,9 @@ def load_mar(path, model, use_ema=True, verbose=True, expect=None):
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or not ({"model", "model_ema"} & set(ckpt)):
         raise ValueError(f"{path!r} is not a MAR checkpoint: expected a dict with 'model' and/or 'model_ema'")
-    kind = checkpoint_kind(ckpt)
-    if expect is not None and kind != expect:
-        made = "a MARVAL one-step student (distill_gsim.py / rl_refine.py)" if kind == "student" else \
-            "a MAR teacher (official or train_mar.py)"
+    made = {"student": "a MARVAL one-step student (distill_gsim.py / rl_refine.py)",
+            "teacher": "a MAR teacher (official or train_mar.py)"}[checkpoint_kind(ckpt)]
+    if expect is not None and checkpoint_kind(ckpt) != expect:
         raise ValueError(f"this is {made}, not a {expect}")
     key = "model_ema" if use_ema and "model_ema" in ckpt else "model"
     load_state_dict_strict(model, ckpt[key], f"{path!r} [{key}]")

@@ -52,7 +52,7 @@ Deliberate choices where the paper is silent:
      (3% after 315 steps). With the warm-up a short run shows in model_ema; from step ~90,000 on it is the same EMA.
   4. The whole student (transformer + head) is tuned by default (--head-only to tune the head alone).
   5. Gradients through all K steps by default; --truncate-k k keeps only the last k AR steps (DRaFT-K).
-  6. The reward sees the decoded image clamped to [-1, 1], as the saved PNGs are (evaluate.clip_preprocess).
+  6. The reward sees the decoded image clamped to [-1, 1], as the saved PNGs are (rewards.clip_preprocess).
 """
 import argparse
 import copy
@@ -65,6 +65,7 @@ import data
 import evaluate
 import common
 import mar
+import rewards
 
 # ----------------------------------------------------------------------------------------------------------------
 # The differentiable generation and the loss (one RL step)
@@ -78,9 +79,10 @@ def build_reward(args, device):
         ev.net.to(device).requires_grad_(False)
         return ev.log_prob, ev
     if args.reward == "pickscore":
-        fn = evaluate.PickScoreReward.from_dirs(args.pickscore_model, args.pickscore_processor or args.pickscore_model)
+        fn = rewards.PickScoreReward.from_dirs(args.pickscore_model,
+                                               args.pickscore_processor or args.pickscore_model)
     else:
-        fn = evaluate.ClipReward(args.clip_model, args.clip_weights)
+        fn = rewards.ClipReward(args.clip_model, args.clip_weights)
     return fn.to(device), None
 
 
@@ -101,7 +103,8 @@ def generate_with_reference(policy, reference, labels, gens, args):
         with torch.no_grad():
             z = reference.conditions(tokens.detach(), mask, reference.class_emb(labels), n_masked=n_masked)
             c = mar.gather_rows(z, pos).flatten(0, 1)                                # (B k, Dz)
-            records.append((pos, reference.diffloss.sample_one_step(c, noise)))
+            x0_ref = mar.one_step_x0(reference.diffloss.net, noise, c, reference.diffloss.train_diffusion)  # (B k, C)
+            records.append((pos, x0_ref))
 
     latents = policy.sample_tokens(len(labels), num_iter=args.num_iter, labels=labels, one_step=True, generator=gens,
                                    checkpoint_steps=not args.no_checkpoint_steps, grad_steps=args.truncate_k,
@@ -160,7 +163,7 @@ def held_out(model, reference, tokenizer, reward_fn, evaluator, args, device, n_
     labels = heldout_labels(args.eval_images, n_classes).to(device)
     imgs, drift = [], []
     for i, lb in enumerate(labels.split(100)):
-        gens = [torch.Generator(device).manual_seed(90_000 + 100 * i + j) for j in range(len(lb))]
+        gens = [torch.Generator(device).manual_seed(HELDOUT_SEED + 100 * i + j) for j in range(len(lb))]  # per image
         lat, d = generate_with_reference(model, reference, lb, gens, args)
         imgs.append(tokenizer.decode(lat))
         drift.append(d * len(lb))
@@ -201,6 +204,10 @@ def plot_tradeoff(history, path):
 # (README "RL"): in an unguarded run the last evaluation with toy FID <= 1.3x the start's had drift 0.022 of the
 # data's variance, the next one (FID 1.40x) 0.035. Recheck on a real run (log.jsonl holds drift per evaluation).
 MAX_DRIFT = 0.025
+# Seeds: the held-out set's image i is drawn from seed HELDOUT_SEED + i at every evaluation (the same images each
+# time); a training step's image b from step_seed * STEP_STRIDE + b (STEP_STRIDE exceeds any per-rank batch, so no
+# two images of a run share a seed).
+HELDOUT_SEED, STEP_STRIDE = 90_000, 131
 TOY_DEFAULTS = dict(out_dir="runs/toy_rl", reward="toy", num_iter=4, global_batch_size=32, lr=2e-6,
                     reg_weight=1.0, max_steps=150, eval_every=25, log_every=5, save_every=25)
 
@@ -371,7 +378,8 @@ def main(argv=None):
     while step < total:
         g = torch.Generator().manual_seed(common.step_seed(args.seed, rank, step))
         labels = torch.randint(0, n_classes, (bsz,), generator=g).to(device)
-        gens = [torch.Generator(device).manual_seed(common.step_seed(args.seed, rank, step) * 131 + b) for b in range(bsz)]
+        step_seed = common.step_seed(args.seed, rank, step)
+        gens = [torch.Generator(device).manual_seed(common.image_seed(step_seed, b, STEP_STRIDE)) for b in range(bsz)]
         stats = rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, args)
         step += 1
         common.update_ema(ema, policy, common.ema_decay(args.ema_rate, step, not args.no_ema_warmup))

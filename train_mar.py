@@ -12,8 +12,7 @@ every toy checkpoint), a class-folder dataset + the KL-16 VAE (--data-path, --va
 model + model_ema, plus optimizer / step / args), log.jsonl, and for the toy grid.png (one row per class) and
 eval.json (toy FID / IS / accuracy of teacher samples).
 
-    # toy, CPU: 8,000 steps, ~32 min on 2 cores at 0.24 s / step; the demo's --epochs 95 (2,000 steps, 8 min) gives
-    # toy FID 14.8 (4.5x the real-split floor) at K = 4, cfg 1.2 (README "Measured on the toy")
+    # toy, CPU (its time and toy FID: README, "Measured on the toy")
     python train_mar.py --preset toy --out-dir runs/toy_teacher
     # ImageNet, 1 GPU / 8 GPUs (MAR-B recipe: 800 epochs at global batch 2048 in the paper; lr = blr * batch / 256)
     python train_mar.py --model mar_base --data-path IMAGENET/train --vae kl16.ckpt --out-dir runs/mar_base
@@ -39,7 +38,6 @@ import data
 import common
 import evaluate
 import mar
-import vae
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model and the learning-rate schedule
@@ -294,10 +292,10 @@ def toy_tokenizer_for_run(args, ckpt_path, device):
     if args.resume and os.path.exists(ckpt_path):
         return data.toy_tokenizer_of(ckpt_path, device)
     if common.is_main():
-        vae.load_toy_vae(args.toy_vae)
+        data.load_toy_vae(args.toy_vae)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return data.toy_tokenizer(vae.load_toy_vae(args.toy_vae).to(device))
+    return data.toy_tokenizer(data.load_toy_vae(args.toy_vae).to(device))
 
 
 def evaluate_toy_teacher(model, tokenizer, args):

@@ -15,13 +15,11 @@ Building blocks, all written here: ResnetBlock (GN-swish-conv twice, 1x1 `nin_sh
 single-head spatial self-attention (AttnBlock), Downsample (asymmetric pad + stride-2 conv), Upsample (nearest x2 +
 conv). GroupNorm(32 groups, eps 1e-6) everywhere.
 """
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import print0, save_checkpoint
+from common import print0
 from mar import load_state_dict_strict, read_checkpoint
 
 
@@ -253,7 +251,7 @@ def load_vae(path, model=None, **config):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The toy's tokenizer: KL-16 in miniature (DESIGN section 12)
+# The toy's tokenizer: KL-16 in miniature
 # ----------------------------------------------------------------------------------------------------------------
 
 # MAR never sees pixels: it generates KL-16 latents (256 tokens of 16 values at stride 16, scaled to unit variance
@@ -298,17 +296,16 @@ class ToyVAE(nn.Module):
 
 
 @torch.enable_grad()  # callers may be inside no_grad
-def train_toy_vae(steps=1000, seed=0, kl_weight=1e-3, verbose=True):
-    """Train on the toy's training split (37 s on 2 cores), set `scale`, report the held-out reconstruction error.
+def train_toy_vae(x, x_heldout, steps=1000, seed=0, kl_weight=1e-3, verbose=True):
+    """Train on the digits x (N, 1, 16, 16) (the toy's training split: 37 s on 2 cores), set `scale` and
+    `latent_bound`, report the reconstruction error on x_heldout.
 
     Loss per batch: mean squared error of decode(posterior sample) + kl_weight * KL(q(z|x) || N(0, I)) per latent
     value. KL-16 trains with weight 1e-6 on a summed KL beside perceptual and GAN losses; 1e-3 on the mean here gives
     the same regime: the KL keeps the latents near unit scale (scale ~1.04) and the posterior noise small (std 0.23
     of the latents' spread), reconstructions near exact."""
-    from data import toy_digits
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    x, _ = toy_digits("train")
     model = ToyVAE()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
@@ -325,21 +322,8 @@ def train_toy_vae(steps=1000, seed=0, kl_weight=1e-3, verbose=True):
         z = model.encode(x).sample(g)
         model.scale.fill_(1.0 / z.std().item())  # MAR's 0.2325, measured the same way
         model.latent_bound.fill_((z * model.scale).abs().max().item())
-        xh, _ = toy_digits("heldout")
-        err = F.mse_loss(model.decode(model.encode(xh).mean), xh).item()
+        err = F.mse_loss(model.decode(model.encode(x_heldout).mean), x_heldout).item()
     if verbose:
         print0(f"toy VAE: held-out reconstruction MSE {err:.5f}, scale {model.scale.item():.4f}, "
                f"latent range +-{model.latent_bound.item():.2f}")
     return model.requires_grad_(False)
-
-
-def load_toy_vae(path="runs/toy_vae.pt"):
-    """The cached toy VAE, trained and saved (atomically) on first use, like the toy classifier."""
-    model = ToyVAE()
-    if os.path.exists(path):
-        load_state_dict_strict(model, read_checkpoint(path)["model"], f"toy VAE {path!r}",
-                               "It is a cache: delete it, or give another --toy-vae, to train a new one")
-        return model.eval().requires_grad_(False)
-    model = train_toy_vae()
-    save_checkpoint(path, {"model": model.state_dict()})
-    return model

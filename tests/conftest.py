@@ -42,9 +42,11 @@ def randomize_(model, std=0.05, seed=0):
 def toy_vae_file(tmp_path_factory):
     """A briefly trained toy VAE (30 steps, ~2 s) saved like runs/toy_vae.pt: pass it as --toy-vae."""
     import common
+    import data
     import vae
     path = tmp_path_factory.mktemp("toy_vae") / "toy_vae.pt"
-    common.save_checkpoint(str(path), {"model": vae.train_toy_vae(steps=30, verbose=False).state_dict()})
+    model = vae.train_toy_vae(data.toy_digits("train")[0], data.toy_digits("heldout")[0], steps=30, verbose=False)
+    common.save_checkpoint(str(path), {"model": model.state_dict()})
     return str(path)
 
 

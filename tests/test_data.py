@@ -36,7 +36,7 @@ def test_toy_latents_have_the_kl16_token_width():
 
 @pytest.fixture(scope="module")
 def trained_toy_vae():
-    return vae.train_toy_vae(steps=150, verbose=False)
+    return vae.train_toy_vae(data.toy_digits("train")[0], data.toy_digits("heldout")[0], steps=150, verbose=False)
 
 
 def test_toy_vae_reconstructs_and_has_unit_variance_latents(trained_toy_vae):

@@ -11,6 +11,7 @@ import torch
 
 import data
 import distill_gsim
+from gaussian_diffusion import GaussianDiffusion
 import mar
 from conftest import randomize_
 from test_train_mar import torchrun
@@ -118,6 +119,9 @@ def cosine(a, b):
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)  # (N,)
 
 
+DIFF = GaussianDiffusion(1000)
+
+
 def test_time_weight_power_reaches_the_loss():
     """--time-weight-power p weights each token's eps-form loss by sigma^(p - 1) (w(t) = sigma_t^p in score units):
     with two tokens at different sigma, the loss at p equals the per-token losses at p = 1 weighted that way."""
@@ -125,13 +129,17 @@ def test_time_weight_power_reaches_the_loss():
     head = randomize_(mar.mar_tiny().diffloss.net, std=0.05).eval().requires_grad_(False)
     aux = randomize_(copy.deepcopy(head), std=0.05, seed=1)
     x_t, c, c_null = torch.randn(2, 16), torch.randn(2, 64), torch.randn(2, 64)
-    t, eps, sigma = torch.tensor([50, 700]), torch.randn(2, 16), torch.tensor([0.2, 0.9])
-    loss = lambda p, i: distill_gsim.generator_loss_fp32(head, aux, x_t[i], t[i], c[i], c_null[i], eps[i], sigma[i],
-                                                         SimpleNamespace(r=1e-5, path_weight=1.0, time_weight_power=p),
-                                                         1.5)[0]
+    t, eps = torch.tensor([50, 700]), torch.randn(2, 16)
+    sigma = (1 - DIFF.alphas_cumprod[t]).sqrt().float()                                  # (0.08, 0.92)
+
+    def loss(p, i):
+        fn = distill_gsim.GeneratorLoss(DIFF, r=1e-5, path_weight=1.0, time_weight_power=p)
+        return fn.at(x_t[i], t[i], eps[i], lambda x, tt: mar.guided_eps(head, x, tt, c[i], c_null[i], 1.5)[:, :16],
+                     lambda x, tt: aux(x, tt, c[i])[:, :16])[0]
+
     both, per_token = slice(0, 2), [loss(1.0, slice(i, i + 1)) for i in range(2)]
     for p in (0.0, 2.0):
-        want = (per_token[0] * 0.2 ** (p - 1) + per_token[1] * 0.9 ** (p - 1)) / 2
+        want = (per_token[0] * sigma[0] ** (p - 1) + per_token[1] * sigma[1] ** (p - 1)) / 2
         torch.testing.assert_close(loss(p, both), want)
     assert not torch.allclose(loss(0.0, both), loss(1.0, both))
 
@@ -146,13 +154,15 @@ def test_gsim_delta_direction_survives_bf16_autocast():
     N = 512
     x_t, c, c_null = torch.randn(N, 16), torch.randn(N, 64), torch.randn(N, 64)
     t = torch.randint(20, 981, (N,))
-    eps, sigma = torch.randn(N, 16), torch.rand(N) * 0.9 + 0.1
-    args = SimpleNamespace(r=1e-5, path_weight=1.0, time_weight_power=1.0)  # cfg 1 below; aux ~ teacher: Delta is the residual
-    _, p32, a32 = distill_gsim.generator_loss_fp32(head, aux, x_t, t, c, c_null, eps, sigma, args, 1.0)
+    eps = torch.randn(N, 16)
+    fn = distill_gsim.GeneratorLoss(DIFF)  # cfg 1 below; aux ~ teacher: Delta is the residual
+    teacher_eps = lambda x, tt: mar.guided_eps(head, x, tt, c, c_null, 1.0)[:, :16]
+    aux_eps = lambda x, tt: aux(x, tt, c)[:, :16]
+    _, p32, a32 = fn.at(x_t, t, eps, teacher_eps, aux_eps)
     delta32 = p32 - a32
     assert 0 < delta32.norm(dim=-1).median() < 0.1  # small, as near convergence
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, p, a = distill_gsim.generator_loss_fp32(head, aux, x_t, t, c, c_null, eps, sigma, args, 1.0)
+        loss, p, a = fn.at(x_t, t, eps, teacher_eps, aux_eps)
         naive = mar.guided_eps(head, x_t, t, c, c_null, 1.0)[:, :16] - aux(x_t, t, c)[:, :16]
     assert p.dtype == a.dtype == loss.dtype == torch.float32
     assert cosine(p - a, delta32).min() >= 0.999

@@ -65,7 +65,7 @@ def test_guided_eps_equals_official_cfg_on_first_half(reference, model):
     r = reference
     n = len(r["cfg_xt"]) // 2
     official = model.diffloss.net.forward_with_cfg(r["cfg_xt"], r["cfg_t"], r["cfg_c"], r["cfg_scale"])[:n]
-    ours = model.diffloss.guided_eps(r["cfg_xt"][:n], r["cfg_t"][:n], r["cfg_c"][:n], r["cfg_c"][n:],
+    ours = mar.guided_eps(model.diffloss.net, r["cfg_xt"][:n], r["cfg_t"][:n], r["cfg_c"][:n], r["cfg_c"][n:],
                                      float(r["cfg_scale"]))
     close(ours, official)
 

@@ -9,6 +9,7 @@ import torch
 import data
 import evaluate
 import mar
+import rewards
 import rl_refine
 import vae
 from conftest import randomize_
@@ -39,7 +40,8 @@ def tiny_generator_and_vae():
 
 @pytest.mark.parametrize("kind", ["pickscore", "clip"])
 def test_reward_gradient_reaches_the_generator(kind, pickscore_dirs, open_clip_file):
-    reward = evaluate.PickScoreReward.from_dirs(*pickscore_dirs) if kind == "pickscore" else evaluate.ClipReward(*open_clip_file)
+    reward = rewards.PickScoreReward.from_dirs(*pickscore_dirs) if kind == "pickscore" else \
+        rewards.ClipReward(*open_clip_file)
     model, tok = tiny_generator_and_vae()
     labels = torch.tensor([1, 207])
     latents = model.sample_tokens(2, num_iter=2, labels=labels, one_step=True, checkpoint_steps=True,
@@ -56,9 +58,9 @@ def test_reward_gradient_reaches_the_generator(kind, pickscore_dirs, open_clip_f
 
 def test_reward_loaders_refuse_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloaded"):
-        evaluate.PickScoreReward.from_dirs(str(tmp_path / "nope"), str(tmp_path / "nope"))
+        rewards.PickScoreReward.from_dirs(str(tmp_path / "nope"), str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        evaluate.ClipReward("ViT-B-32", str(tmp_path / "nope.pt"))
+        rewards.ClipReward("ViT-B-32", str(tmp_path / "nope.pt"))
 
 
 def test_clip_preprocess_matches_the_processor(pickscore_dirs):
@@ -70,7 +72,7 @@ def test_clip_preprocess_matches_the_processor(pickscore_dirs):
     img = torch.stack([torch.sin(3 * xx + yy), torch.cos(2 * yy), xx * yy * 2 - 1])[None].clamp(-1, 1)  # smooth
     pil = (((img[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
     theirs = proc(images=pil, return_tensors="pt")["pixel_values"]
-    ours = evaluate.clip_preprocess(((torch.from_numpy(pil).permute(2, 0, 1)[None].float() / 127.5) - 1), 32)
+    ours = rewards.clip_preprocess(((torch.from_numpy(pil).permute(2, 0, 1)[None].float() / 127.5) - 1), 32)
     assert ours.shape == theirs.shape == (1, 3, 32, 32)
     # PIL's and torch's bicubic (and the rounding of the resized width) differ slightly; a layout error does not:
     assert (ours - theirs).abs().mean() < 0.04
@@ -139,8 +141,8 @@ def test_rl_update_shows_in_model_ema(toy_student_ckpt, toy_classifier_file, tmp
 def test_reward_sees_the_pixels_the_png_keeps():
     """Decoder output beyond [-1, 1] is clipped in the saved PNG, so the reward's preprocessing clips it too."""
     x = torch.linspace(-2, 2, 3 * 16 * 16).reshape(1, 3, 16, 16)
-    assert torch.equal(evaluate.clip_preprocess(x, 16), evaluate.clip_preprocess(x.clamp(-1, 1), 16))
-    assert not torch.equal(evaluate.clip_preprocess(x * 0.9, 16), evaluate.clip_preprocess(x.clamp(-1, 1), 16))
+    assert torch.equal(rewards.clip_preprocess(x, 16), rewards.clip_preprocess(x.clamp(-1, 1), 16))
+    assert not torch.equal(rewards.clip_preprocess(x * 0.9, 16), rewards.clip_preprocess(x.clamp(-1, 1), 16))
 
 
 def test_default_run_length_follows_the_paper_compute():

@@ -41,13 +41,13 @@ def test_schedule_examples_from_the_spec():
 def test_sampler_reveals_the_scheduled_tokens(K, monkeypatch):
     """Count the tokens the head is asked for at each AR step of a real sampler run."""
     model, seen = tiny(), []
-    original = model.diffloss.sample_one_step
+    original = mar.one_step_x0
 
-    def spy(c, z, *a, **kw):
+    def spy(net, z, c, *a, **kw):
         seen.append(len(c) // 2)  # batch of 2
-        return original(c, z, *a, **kw)
+        return original(net, z, c, *a, **kw)
 
-    monkeypatch.setattr(model.diffloss, "sample_one_step", spy)
+    monkeypatch.setattr(mar, "one_step_x0", spy)
     with torch.no_grad():
         out = model.sample_tokens(2, num_iter=K, labels=torch.tensor([1, 2]), one_step=True)
     assert seen == [n for n, _ in mar.mask_schedule(16, K)]
@@ -63,7 +63,7 @@ def test_one_step_formula_closed_form():
     z, c = torch.randn(5, 16), torch.randn(5, 64)
     with torch.no_grad():
         eps = model.diffloss.net(z, torch.full((5,), 400), c)[:, :16]
-        x0 = model.diffloss.sample_one_step(c, z)
+        x0 = mar.one_step_x0(model.diffloss.net, z, c, model.diffloss.train_diffusion)
     torch.testing.assert_close(x0, (z - math.sqrt(1 - abar) * eps) / math.sqrt(abar))
 
 
@@ -77,7 +77,7 @@ def test_one_step_sampler_equals_manual_single_iteration():
         orders = model.sample_orders(2, g)  # consumed first, as in the sampler
         z = torch.randn((2, 16 * 16), generator=g).reshape(32, 16) * 0.9
         c = model.conditions(torch.zeros(2, 16, 16), torch.ones(2, 16), model.class_emb(labels)).reshape(32, -1)
-        want = model.unpatchify(model.diffloss.sample_one_step(c, z).reshape(2, 16, 16))
+        want = model.unpatchify(mar.one_step_x0(model.diffloss.net, z, c, model.diffloss.train_diffusion).reshape(2, 16, 16))
     assert orders.shape == (2, 16)
     torch.testing.assert_close(got, want)
 

@@ -21,15 +21,14 @@ floor against iterations) and OUT_DIR/report.json (`ed_over_floor`, `reward_befo
     python marval_2d.py --out-dir runs/2d
     python marval_2d.py --out-dir runs/2d_sim --path-weight 0      # SIM's loss (no path term): a biased gradient
 
-Knobs, and what a student of the course sees (each measured with the others at their defaults: README, "MARVAL in
-two dimensions"):
-  --path-weight 0     SIM's loss without the path term d(y): the student stops short of the floor.
-  --flip-sign         y -> -y in the loss: GSIM pushes the student away from the teacher; the modes smear.
-  --detach-dprime     d'(y) computed from detached inputs: a zero-mean gradient, the student drifts.
-  --aux-steps 1       one aux update per generator update instead of two: the aux lags, the student converges slower.
-  --cfg 2             a stronger guidance: the teacher's (and the student's) modes sharpen and separate.
-  --r                 the pseudo-Huber constant (score units): large r turns d(y) into a squared loss.
-  --reg-weight        the DRaFT+ penalty of the RL stage: 0 lets the reward collapse the modes.
+Knobs, and what a student of the course sees (measured; the numbers: README, "MARVAL in two dimensions"):
+  --path-weight 0     SIM's loss without the path term d(y): a biased gradient, a little further from the teacher.
+  --flip-sign         y -> -y: GSIM drives the student away from the teacher; each class collapses onto one mode.
+  --detach-dprime     Delta with no gradient (d'(y) and d(y) constants): the student stays much further away.
+  --aux-steps 1       one aux update per generator update: no visible difference at the default length.
+  --cfg 2             a stronger guidance: the teacher's modes sharpen and its weakest mode nearly vanishes.
+  --r 1               a large pseudo-Huber constant turns d(y) into a squared loss: further from the teacher.
+  --reg-weight 0      RL without the DRaFT+ penalty: every sample piles onto the reward's peak.
 """
 import argparse
 import copy

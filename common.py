@@ -287,8 +287,8 @@ def update_ema(ema_model, model, decay):
 def step_seed(seed, rank, step):
     """One seed per (run seed, rank, step). The scripts re-seed their generators every step from it, so a run
     resumed at step n draws exactly what the uninterrupted run drew, with no RNG state to save."""
-    # Prime strides keep runs of different --seed apart (1,000,003 steps) and ranks apart (7,919 steps); past 7,919
-    # steps rank r's seed repeats rank r+1's of 7,919 steps earlier, a draw for other data at another step: harmless.
+    # Prime strides keep runs of different --seed apart (1,000,003 steps) and ranks apart (7,919 steps). Rank r at
+    # step s + 7,919 draws rank r+1's seed of step s: the same draws for other data at another step, harmless.
     return (seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63)
 
 

@@ -48,8 +48,8 @@ Deliberate choices where the paper is silent or ambiguous (each is a flag):
      at K = 4 (the teacher: 11.93) with recall kept; p = 0 (uniform in score units) 17.46, t <= 500 only 15.72
      (README "Closing the gap"). A reading of those rows, not a proof: a low p over-weights the small-t end, where
      Delta is mostly noise.
-  3. Two aux steps per generator step (a 1:1 ratio lets the aux lag the student: marval_2d.py --aux-steps 1; on
-     the digits toy 1:1 kept FID but lost recall on every seed set, 0.766 -> 0.739, README "Closing the gap").
+  3. Two aux steps per generator step (on the digits toy 1:1 kept FID but lost recall on every seed set, README
+     "Closing the gap").
   4. Head-only distillation by default (transformer frozen, c shared by all three heads); --train-transformer
      also trains a student copy of the transformer.
   5. Masking ratios: MAR's truncated Gaussian mixed with uniform ratios (--uniform-mask-prob) so the student also
@@ -93,10 +93,9 @@ def gsim_generator_loss(eps_teacher, eps_aux, noise, sigma, r=1e-5, path_weight=
     i.e. sigma * [ d(y) - d'(y)^T (s_phi - grad log p(x_t | x0)) ] with pseudo-Huber d(y) = sqrt(|y|^2 + r^2) - r.
     Its gradient equals the gradient of the divergence E d(s_q - s_p) (SIM's theorem, Luo et al. 2024); d'(y) is
     NOT detached (detaching it, or dropping the path term, gives a wrong gradient: tests/test_gsim.py checks the
-    1-D case against finite differences). path_weight = 0 is the SIM paper's loss. Norms in fp32: |Delta|^2 of a
-    well-trained student underflows in bf16. weight: optional (N,) factors on the per-token losses before the mean
-    (--time-weight-power: sigma^(p - 1), i.e. w(t) = sigma_t^p in score units; None is w(t) = sigma_t).
-    """
+    1-D case against finite differences). path_weight = 0 is the SIM paper's loss. Norms in fp32: bf16's 8-bit
+    mantissa loses a well-trained student's small Delta. weight: optional (N,) factors on the per-token losses before
+    the mean (--time-weight-power: sigma^(p - 1), i.e. w(t) = sigma_t^p in score units; None is w(t) = sigma_t)."""
     # Paper names: s = -eps_hat / sigma (a score from an eps prediction); s_p the guided teacher score (MARVAL Eq. 10),
     # s_q the student's score, estimated by the aux head's s_phi; y = s_q - s_p ~ s_phi - s_p = delta / sigma.
     dt = torch.promote_types(eps_teacher.dtype, torch.float32)            # at least fp32 (bf16 in -> fp32)

@@ -4,16 +4,17 @@ In MAR every token of an image is drawn by a small diffusion head from the condi
 MARVAL (Gu et al. 2025, arXiv:2511.15190) replaces the head's ~100 reverse steps by ONE, then fine-tunes the result
 with a reward. Here the "token" is a point in the plane and c is one of two classes, so every piece can be seen:
 
-  1. Teacher: a class-conditional Gaussian mixture whose noisy eps is exact at every t, guided by CFG as MARVAL
-     Eq. 10 (mar.guided_eps, MAR's convention cfg = 1 + w), sampled with its own 100-step reverse diffusion: the
-     head's job in MAR.
-  2. Stage 1, GSIM: a one-step generator x0 = G(z read as x_400, c) and an auxiliary eps network, both copies of the
-     teacher at the start, trained in turn with the project's `gsim_generator_loss` and `aux_dsm_loss`, as
-     distill_gsim.py does, until the student's samples are as close to the teacher's as two sets of teacher samples
-     are to each other (the floor).
+  1. Teacher: a class-conditional Gaussian mixture whose noisy eps is exact at every t, guided by CFG in MAR's form
+     eps_u + cfg (eps_c - eps_u) (mar.guided_eps; MARVAL Eq. 10 with w = cfg - 1, docs/derivation.md section 3),
+     sampled with its own 100-step reverse diffusion: the head's job in MAR. With cfg != 1 the guided eps is not the
+     score of one distribution, so the 100-step samples approximate what GSIM matches.
+  2. Stage 1, GSIM: a one-step generator g(z, c) = mar.one_step_x0 (z read as x_400; G below is its eps network) and
+     an auxiliary eps network, both copies of the teacher at the start, trained in turn with the project's
+     `gsim_generator_loss` (time weight sigma_t, p = 1; the digits toy uses p = 3) and `aux_dsm_loss`, towards the
+     floor: how far apart two sets of teacher samples are.
   3. Stage 2, RL: a reward (the log density of a target disc that overlaps some modes) back-propagated through the
-     one-step generator, with and without the DRaFT+ penalty toward the frozen student: without it the mass piles
-     onto the reward's peak and modes vanish (reward hacking); with it the student moves less.
+     one-step generator, with and without the DRaFT+ penalty toward the frozen student: without it every sample
+     piles onto the reward's peak (reward hacking); with it the student moves less.
 
 Writes OUT_DIR/marval_2d.png (teacher, student during GSIM, after RL with / without the penalty, distance to the
 floor against iterations) and OUT_DIR/report.json (`ed_over_floor`, `reward_before`, `reward_after`, mode masses).
@@ -24,11 +25,12 @@ floor against iterations) and OUT_DIR/report.json (`ed_over_floor`, `reward_befo
 Knobs, and what a student of the course sees (measured; the numbers: README, "MARVAL in two dimensions"):
   --path-weight 0     SIM's loss without the path term d(y): a biased gradient, a little further from the teacher.
   --flip-sign         y -> -y: GSIM drives the student away from the teacher; each class collapses onto one mode.
-  --detach-dprime     Delta with no gradient (d'(y) and d(y) constants): the student stays much further away.
+  --detach-dprime     Delta without gradient, so d(y) and d'(y) are constants and only eps_phi(x_t) in the
+                      projection term carries one (tests/test_gsim.py's 1-D "detached"): much further away.
   --aux-steps 1       one aux update per generator update: no visible difference at the default length.
   --cfg 2             a stronger guidance: the teacher's modes sharpen and its weakest mode nearly vanishes.
   --r 1               a large pseudo-Huber constant turns d(y) into a squared loss: further from the teacher.
-  --reg-weight 0      RL without the DRaFT+ penalty: every sample piles onto the reward's peak.
+  --reg-weight       the DRaFT+ penalty of the penalised RL run (the last panel is always the run without it).
 """
 import argparse
 import copy
@@ -65,12 +67,12 @@ def mixture_eps(x_t, t, c, log_w, means, log_std):
     """Exact eps = -sigma_t grad log p_t(x_t | c) of the noised mixture sum_k w_k N(alpha_t mu_k, alpha_t^2 s^2 +
     sigma_t^2), x_t (N, 2), t (N,), c (N,). log_w (classes, K) unnormalised, means (K, 2), log_std (classes,): the
     teacher's constants, or a network's trainable parameters (autograd flows through all of them)."""
-    a, s2 = ABAR[t].sqrt()[:, None], (1 - ABAR[t])[:, None]                         # (N, 1)
-    var = a ** 2 * log_std[c, None].exp() ** 2 + s2                                 # (N, 1)
+    a, sig2 = ABAR[t].sqrt()[:, None], (1 - ABAR[t])[:, None]                       # (N, 1): alpha_t, sigma_t^2
+    var = a ** 2 * log_std[c, None].exp() ** 2 + sig2                               # (N, 1): s = exp(log_std[c])
     diff = x_t[:, None, :] - a[:, :, None] * means[None]                            # (N, K, 2)
     resp = (log_w[c].log_softmax(-1) - diff.square().sum(-1) / (2 * var)).softmax(-1)  # (N, K) posterior of the mode
     score = -(resp[..., None] * diff).sum(1) / var                                  # (N, 2)
-    return -s2.sqrt() * score
+    return -sig2.sqrt() * score
 
 
 class MixtureEpsNet(nn.Module):
@@ -99,7 +101,8 @@ TEACHER = MixtureEpsNet().requires_grad_(False)  # the exact mixture (its residu
 
 
 def sample_mixture(c, gen):
-    """Exact samples of the unguided teacher p(x | c) (N, 2): a mode drawn by its weight, then its Gaussian."""
+    """Exact samples of the unguided teacher p(x | c) (N, 2): a mode drawn by its weight, then its Gaussian (the
+    floor of tests/test_gsim.py, which runs the lesson unguided)."""
     k = torch.multinomial(CLASS_WEIGHTS[c], 1, generator=gen)[:, 0] + 4 * c          # (N,) mode index of 8
     return MODE_MEANS[k] + MODE_STD * torch.randn(len(c), 2, generator=gen)
 
@@ -113,7 +116,7 @@ def teacher_sample(c, cfg, gen, steps=100):
     for k in reversed(range(steps)):
         t = torch.full((len(c),), k)
         eps = mar.guided_eps(TEACHER, x, diff.original_t(t), c, null, cfg)             # (N, 2)
-        out = torch.cat([eps, -torch.ones_like(eps)], -1)  # v = -1: the posterior variance (no learned variance)
+        out = torch.cat([eps, -torch.ones_like(eps)], -1)  # variance channel -1: frac 0, the posterior variance
         x = diff.p_sample(out, x, t, torch.randn(x.shape, generator=gen))
     return x
 
@@ -121,9 +124,8 @@ def teacher_sample(c, cfg, gen, steps=100):
 # ==== Stage 1: GSIM, the one-step generator and its auxiliary network ==============================================
 
 def one_step(G, c, z):
-    """MARVAL's one-step generator: z ~ N(0, I) read as x_400, x0 = (z - sigma_400 eps_G(z, 400, c)) / alpha_400."""
-    t = torch.full((len(z),), mar.ONE_STEP_T)
-    return DIFF.predict_x0(z, t, G(z, t, c))
+    """MARVAL's one-step generator g(z, c) with eps network G: mar.one_step_x0 (x0 from eps at t* = 400)."""
+    return mar.one_step_x0(G, z, c, DIFF)
 
 
 def generator_loss(G, aux, c, z, gen, args):
@@ -145,8 +147,9 @@ def generator_loss(G, aux, c, z, gen, args):
 
 
 def gsim_iteration(G, aux, opt_g, opt_a, batch, gen, args):
-    """One GSIM iteration as distill_gsim.py runs it: a generator update, then `aux_steps` DSM updates of the aux
-    network (`aux_dsm_loss`) on the updated generator's samples for the same z, without their graph."""
+    """One GSIM iteration: a generator update, then `aux_steps` DSM updates of the aux network (`aux_dsm_loss`) on
+    the updated generator's samples for the same z, without their graph (distill_gsim.py uses the samples from
+    before the update: one generator step apart)."""
     c, z = torch.randint(0, 2, (batch,), generator=gen), torch.randn(batch, 2, generator=gen)
     aux.requires_grad_(False)  # constants in the generator loss; its input x_t is not detached
     loss = generator_loss(G, aux, c, z, gen, args)
@@ -197,8 +200,10 @@ def reward(x):
 
 
 def rl_refine(G, steps, reg_weight, batch, gen, lr=1e-3):
-    """MARVAL-RL on one token: maximise mean R(G(z, c)) by gradient ascent through the one-step generator, with
-    the DRaFT+ penalty beta |G(z, c) - G_frozen(z, c)|^2 for the same z and c (rl_refine.py's loss with K = 1)."""
+    """MARVAL-RL on one token: maximise mean R(g(z, c)) by gradient ascent through the one-step generator, with
+    the DRaFT+ penalty beta |g(z, c) - g_frozen(z, c)|^2 for the same z and c (rl_refine.py's loss with K = 1).
+    The reward's curvature is 1 / (2 TARGET_STD^2) = 4.1, so at beta = 16 each sample's optimum lies ~20% of the
+    way to the peak. Adam at torch's default betas: no aux network here to keep pace with."""
     G, frozen = copy.deepcopy(G).requires_grad_(True), copy.deepcopy(G).requires_grad_(False)
     opt = torch.optim.Adam(G.parameters(), lr=lr)
     for _ in range(steps):
@@ -216,7 +221,8 @@ def rl_refine(G, steps, reg_weight, batch, gen, lr=1e-3):
 # ==== Measures: distance to the teacher against the floor, mode masses =============================================
 
 def energy_distance(a, b):
-    """2 E|a - b| - E|a - a'| - E|b - b'| of two sample sets (N, 2): 0 iff the laws agree."""
+    """2 E|a - b| - E|a - a'| - E|b - b'| of two sample sets (N, 2), as a V-statistic (pairs i = j included): two
+    sets of one law score about 2 E|X - X'| / N, not 0, which is why the lesson reports multiples of that floor."""
     return (2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()).item()
 
 
@@ -253,7 +259,7 @@ COLORS = [(31, 119, 180), (214, 39, 40)]  # class 0 blue, class 1 red
 
 
 def scatter(draw, box, x, c, title, note=""):
-    """Points x (N, 2) in [-2, 2]^2 coloured by class, the reward's 1- and 2-sigma circles, a title and a note."""
+    """Points x (N, 2) in [-2, 2]^2 coloured by class, the reward's 1- and 2-sigma circles (grey), a title, a note."""
     left, top, size = box
     to_px = lambda p: (left + (p[0] + 2) / 4 * size, top + (2 - p[1]) / 4 * size)
     draw.rectangle([left, top, left + size, top + size], outline="black")
@@ -346,14 +352,15 @@ def main(argv=None):
         json.dump(report, f, indent=2)
 
     ed = {h["iter"]: h["ed_over_floor"] for h in history}
-    panels = [("teacher, 100 steps, cfg %g" % args.cfg, ref, c, "the target of GSIM")]
+    panels = [("teacher, 100 steps, cfg %g" % args.cfg, ref, c, "what GSIM distils (its samples)")]
     panels += [(f"student, GSIM iter {i}", snapshots[i], c, f"energy distance {ed[i]:.1f}x the floor")
                for i in sorted(snapshots)]
     panels += [(f"RL, penalty {args.reg_weight:g}", x_rl[args.reg_weight], c,
                 f"reward {report['reward_after']:.2f} (from {report['reward_before']:.2f})"),
-               ("RL, no penalty", x_rl[0.0], c, f"reward {report['reward_after_unpenalised']:.2f}: modes collapse")]
-    curve = dict(title="GSIM: student vs teacher, in multiples of the two-sample floor (1 = as close as it gets)",
+               ("RL, no penalty", x_rl[0.0], c, f"reward {report['reward_after_unpenalised']:.2f}: all on the peak")]
+    curve = dict(title="GSIM: student vs teacher, in multiples of the two-sample floor (the floor is 1)",
                  xlabel="GSIM iteration", ylabel="distance / floor",
+                 ylim=(0, max(max(h["ed_over_floor"], h["sw_over_floor"]) for h in history)),
                  series=[("energy distance", [(h["iter"], h["ed_over_floor"], None) for h in history]),
                          ("sliced W2", [(h["iter"], h["sw_over_floor"], None) for h in history])])
     save_figure(panels, curve, os.path.join(args.out_dir, "marval_2d.png"))

@@ -43,11 +43,10 @@ Deliberate choices where the paper is silent or ambiguous (each is a flag):
      steps, which --teacher-cfg-schedule linear imitates by each batch's mask ratio (`gsim_step`).
   2. Time weight w(t) = sigma_t^p of the score-space divergence and t ~ U{20..980}, neither stated in the paper:
      t near 0 has Delta ~ 0 (a noise direction), t near 999 has alpha ~ 5e-5 (no signal). p = 1
-     (--time-weight-power) is the eps form of docs/derivation.md, every t weighted alike in eps units; the toy uses p = 3
-     (eps-unit factor sigma_t^2 = 1 - abar_t), measured on the digits to take the student from 11.09 to 9.57 toy FID
-     at K = 4 (the teacher: 11.93) with recall kept; p = 0 (uniform in score units) 17.46, t <= 500 only 15.72
-     (README "Closing the gap"). A reading of those rows, not a proof: a low p over-weights the small-t end, where
-     Delta is mostly noise.
+     (--time-weight-power) is the eps form of docs/derivation.md, every t weighted alike in eps units; the toy uses
+     p = 3 (eps-unit factor sigma_t^2 = 1 - abar_t), the best of the weights measured on the digits (README, "Closing
+     the gap"). A reading of those measurements, not a proof: a low p over-weights the small-t end, where Delta is
+     mostly noise.
   3. Two aux steps per generator step (on the digits toy 1:1 kept FID but lost recall on every seed set, README
      "Closing the gap").
   4. Head-only distillation by default (transformer frozen, c shared by all three heads); --train-transformer

@@ -96,12 +96,12 @@ def speed(args, device):
     with torch.no_grad(), amp:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t = timed(lambda: run(cfg=args.cfg, num_diffusion_steps=args.num_diffusion_steps), device, args.repeats)
+        t = timed(lambda: run(cfg=args.cfg, head=mar.HeadSampler(steps=args.num_diffusion_steps)), device, args.repeats)
         out["teacher_sec_per_image"] = t / args.batch
         if device.type == "cuda":
             out["teacher_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
             torch.cuda.reset_peak_memory_stats()
-        t = timed(lambda: run(one_step=True), device, args.repeats)
+        t = timed(lambda: run(head=mar.HeadSampler(one_step=True)), device, args.repeats)
         out["student_sec_per_image"] = t / args.batch
         if device.type == "cuda":
             out["student_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -304,8 +304,9 @@ def _stage_inception(name, opts):
     return run, [net], [], B, None
 
 
-STAGES = {"train": _stage_train, "train_ckpt": _stage_train, "gsim": _stage_gsim, "gsim_ckpt": _stage_gsim, "rl": _stage_rl,
-          "sample_teacher": _stage_sample, "sample_student": _stage_sample, "inception": _stage_inception}
+STAGES = {"train": _stage_train, "train_ckpt": _stage_train, "gsim": _stage_gsim, "gsim_ckpt": _stage_gsim,
+          "rl": _stage_rl, "sample_teacher": _stage_sample, "sample_student": _stage_sample,
+          "inception": _stage_inception}
 
 
 def dry_stage(stage, name, **opts):
@@ -376,15 +377,15 @@ def launch_counts(name, cfg):
     with FakeTensorMode():
         model, label = mar.PRESETS[name]().eval(), torch.tensor([1])
 
-        def count(**kw):
-            if "num_diffusion_steps" in kw:  # the respaced process is built once, on first use: not per image
-                model.diffloss.gen_diffusion(kw["num_diffusion_steps"])
+        def count(num_iter, head, cfg=1.0):
+            model.diffloss.gen_diffusion(head.steps)  # the respaced process is built once, on first use: not per image
             with torch.no_grad(), LaunchCount() as c:
-                model.sample_tokens(1, labels=label, generator=torch.Generator().manual_seed(0), **kw)
+                model.sample_tokens(1, num_iter, cfg, labels=label, head=head,
+                                    generator=torch.Generator().manual_seed(0))
             return c.n
 
-        teacher = lambda K, S: count(num_iter=K, cfg=cfg, num_diffusion_steps=S)
-        student = lambda K: count(num_iter=K, one_step=True)
+        teacher = lambda K, S: count(K, mar.HeadSampler(steps=S), cfg)
+        student = lambda K: count(K, mar.HeadSampler(one_step=True))
         t22, t24, t42, s2, s4 = teacher(2, 2), teacher(2, 4), teacher(4, 2), student(2), student(4)
         c = (t24 - t22) // 4                   # one head step (guided: CFG on eps) + one reverse-diffusion update
         b = (t42 - t22) // 2 - 2 * c           # the rest of a teacher AR step: transformer (CFG batch), noise, writes

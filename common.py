@@ -303,9 +303,8 @@ def machine(device="cpu"):
     """What a timing was measured on: {"cpu": model name, "threads": torch's, "matmul_gflops": fp32 throughput on
     `device`, and "gpu": its name on CUDA}.
 
-    Toy timings scale with the last figure, not with the core count: the same toy teacher step took 0.13 s on one
-    2-core machine and 0.25 s on another (1024 x 1024 products at 107-117 GFLOP/s). The best of three timings of four
-    products of 1024^2 on `device`, about half a second on 2 CPU cores."""
+    Toy timings scale with the last figure, not with the core count (docs/results.md lists the machines measured
+    on). The best of three timings of four products of 1024^2 on `device`, about half a second on 2 CPU cores."""
     cpu = "unknown"
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:

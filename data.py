@@ -224,7 +224,7 @@ def toy_digits(split="train"):
 # transformer, and so the one-step student, a third slower). diffusion_batch_mul 4, MAR's: each token's head loss at
 # 4 noise draws per transformer pass (a better teacher than 2 for 12% more time a step). attn_dropout /
 # proj_dropout 0 (MAR: 0.1): the toy is under-trained, not over-fitting, and dropout's random draws are a sixth of a
-# CPU step. The measurements behind each choice: README, "Measured on the toy".
+# CPU step. The measurements behind each choice: docs/results.md, section 7.
 TOY_MODEL = dict(img_size=16, vae_stride=4, patch_size=1, vae_embed_dim=16, class_num=10, buffer_size=4,
                  mask_ratio_min=0.3,
                  encoder_embed_dim=128, encoder_depth=3, encoder_num_heads=4, decoder_embed_dim=128, decoder_depth=3,
@@ -268,9 +268,9 @@ def toy_entries(tokenizer, config):
 
 def training_source(args, device, toy_tok=None):
     """(dataset of (x, label), to_latents(x, generator) -> MAR latents (B, C, H, W), steps per epoch) from the common
-    flags: --preset toy (digits encoded on the fly by `toy_tok`, the toy VAE's Tokenizer, a posterior sample per batch as MAR's cache
-    gives), --cached-path (posterior moments -> a fresh sample), or --data-path + --vae (images encoded on the fly by
-    the frozen VAE; random flips)."""
+    flags: --preset toy (digits encoded on the fly by `toy_tok`, the toy VAE's Tokenizer, a posterior sample per
+    batch as MAR's cache gives), --cached-path (posterior moments -> a fresh sample), or --data-path + --vae (images
+    encoded on the fly by the frozen VAE; random flips)."""
     if getattr(args, "preset", None) == "toy":
         dataset, to_latents = torch.utils.data.TensorDataset(*toy_digits("train")), toy_tok.encode
     elif args.cached_path:
@@ -336,10 +336,11 @@ def epoch_batches(n_items, global_batch, world, rank, seed, epoch):
     return idx, flips[idx]
 
 
-def epoch_loader(dataset, step, steps_per_epoch, global_batch, world, rank, seed, workers, device):
-    """DataLoader over the rest of the epoch that `step` falls in (a resumed run starts at the exact batch).
-    Datasets with `seeded_flip` get (index, flip) pairs; the others (the toy) plain indices."""
-    epoch, in_epoch = divmod(step, steps_per_epoch)
+def epoch_loader(dataset, step, global_batch, world, rank, seed, workers, device):
+    """DataLoader over the rest of the epoch that `step` falls in (a resumed run starts at the exact batch; an epoch
+    is len(dataset) // global_batch steps). Datasets with `seeded_flip` get (index, flip) pairs; the others (the
+    toy) plain indices."""
+    epoch, in_epoch = divmod(step, len(dataset) // global_batch)
     idx, flips = epoch_batches(len(dataset), global_batch, world, rank, seed, epoch)
     idx, flips = idx[in_epoch:].tolist(), flips[in_epoch:].tolist()
     if getattr(dataset, "seeded_flip", False):

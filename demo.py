@@ -1,5 +1,5 @@
-"""The whole MARVAL pipeline on the bundled toy digits, on a CPU: 10.6 to 21 minutes on 2 cores (the times scale with
-the machine's matmul throughput, which report.md records; README gives the measured runs).
+"""The whole MARVAL pipeline on the bundled toy digits, on a CPU: 10 to 20 minutes on 2 cores (the time scales with
+the machine's matmul throughput, which report.md records; docs/results.md, section 1, gives measured runs).
 
     python demo.py                       # -> runs/demo/report.md, report.json, grid_*.png
 

@@ -15,7 +15,8 @@ One iteration on a batch of real latents (only used to build realistic contexts:
   1. random order and mask; the frozen transformer gives c (class) and c_null (fake_latent) for the masked tokens,
   2. student: x0 = g_theta(z, c) for every masked token (diffusion_batch_mul draws each),
   3. x_t = alpha_t x0 + sigma_t eps with t ~ U{t_min..t_max},
-  4. generator loss `gsim_generator_loss` (docs/derivation.md section 4) with gradients through x_t into the frozen teacher and aux,
+  4. generator loss `gsim_generator_loss` (docs/derivation.md section 4) with gradients through x_t into the frozen
+     teacher and aux,
   5. `aux_steps` DSM updates of phi on the detached student tokens, 6. EMA of theta.
 
 Reads --teacher (MAR checkpoint) and the data (as train_mar.py). Writes to --out-dir checkpoint-last.pth
@@ -25,7 +26,7 @@ step, args), log.jsonl, and for the toy eval.json (teacher vs student toy FID / 
     # toy, CPU, a few minutes (after train_mar.py --preset toy)
     python distill_gsim.py --preset toy --teacher runs/toy_teacher/checkpoint-last.pth --out-dir runs/toy_student
     # ImageNet, 8 GPUs (paper: 64 per GPU on 8 GPUs, 30 epochs). --grad-checkpointing keeps MAR-H at 64 per GPU
-    # within an 80 GB GPU (README, "Memory at the paper's sizes": the dry run of this step)
+    # within an 80 GB GPU (docs/results.md, section 4: the dry run of this step)
     torchrun --nproc_per_node=8 distill_gsim.py --teacher mar_huge/checkpoint-last.pth --vae kl16.ckpt \
         --data-path IMAGENET/train --model mar_huge --grad-checkpointing --out-dir runs/marval_huge
     # 1 GPU: the same 64 per GPU (the global batch is per GPU x GPUs)
@@ -44,11 +45,11 @@ Deliberate choices where the paper is silent or ambiguous (each is a flag):
   2. Time weight w(t) = sigma_t^p of the score-space divergence and t ~ U{20..980}, neither stated in the paper:
      t near 0 has Delta ~ 0 (a noise direction), t near 999 has alpha ~ 5e-5 (no signal). p = 1
      (--time-weight-power) is the eps form of docs/derivation.md, every t weighted alike in eps units; the toy uses
-     p = 3 (eps-unit factor sigma_t^2 = 1 - abar_t), the best of the weights measured on the digits (README, "Closing
-     the gap"). A reading of those measurements, not a proof: a low p over-weights the small-t end, where Delta is
+     p = 3 (eps-unit factor sigma_t^2 = 1 - abar_t), the best of the weights measured on the digits (docs/results.md,
+     section 8). A reading of those measurements, not a proof: a low p over-weights the small-t end, where Delta is
      mostly noise.
-  3. Two aux steps per generator step (on the digits toy 1:1 kept FID but lost recall on every seed set, README
-     "Closing the gap").
+  3. Two aux steps per generator step (on the digits toy 1:1 kept FID but lost recall on every seed set, docs/results.md
+     section 8).
   4. Head-only distillation by default (transformer frozen, c shared by all three heads); --train-transformer
      also trains a student copy of the transformer.
   5. Masking ratios: MAR's truncated Gaussian mixed with uniform ratios (--uniform-mask-prob) so the student also
@@ -245,7 +246,7 @@ def build_gsim(teacher, args):
     Head-only (default) keeps no copy of the transformer: the student is the teacher's transformer + the student
     head."""
     # Block checkpointing of all three heads: each keeps its activations for the backward through x_t otherwise
-    # (MAR-H at 64 per GPU: README, "Memory at the paper's sizes"). The frozen transformer runs without grad:
+    # (MAR-H at 64 per GPU: docs/results.md, section 4). The frozen transformer runs without grad:
     # nothing to keep.
     teacher.diffloss.net.grad_checkpointing = args.grad_checkpointing
     if args.train_transformer:
@@ -284,7 +285,7 @@ def head_of(mar_state):
 # ----------------------------------------------------------------------------------------------------------------
 
 # Toy: 30 epochs (630 steps) at lr 2e-4 for the student and the aux head, time weight sigma_t^3 (note 2): the
-# settings that brought the student closest to its teacher on the digits (README, "Closing the gap").
+# settings that brought the student closest to its teacher on the digits (docs/results.md, section 8).
 # The toy evaluations' fixed sample sets (evaluate.sample_toy draws batch i from seed + i): the student's progress
 # during the run, and the final teacher-vs-student comparison, each the same images every time.
 PROGRESS_SEED, FINAL_SEED = 10_000, 20_000
@@ -452,8 +453,8 @@ def main(argv=None):
     aux.train()
     workers = 0 if args.preset == "toy" else args.num_workers
     while step < last:
-        loader = data.epoch_loader(dataset, step, steps_per_epoch, args.global_batch_size, world, rank, args.seed,
-                                   workers, device)
+        loader = data.epoch_loader(dataset, step, args.global_batch_size, world, rank, args.seed, workers,
+                                   device)
         for xb, yb in loader:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             gen = torch.Generator(device).manual_seed(common.step_seed(args.seed, rank, step))
@@ -497,8 +498,9 @@ def compare_on_toy(teacher, student, tokenizer, evaluator, args):
     """Same labels, K and image count; the teacher at its distillation CFG with 100 head steps, the student one
     step at cfg 1; both decoded by the toy VAE."""
     out = {}
-    for who, model, kw in (("teacher", teacher, dict(cfg=args.teacher_cfg)), ("student", student, dict(one_step=True))):
-        evaluate.sample_toy(model, tokenizer, 20, args.eval_num_iter, **kw)  # warm-up: first-call costs out of the timing
+    for who, model, kw in (("teacher", teacher, dict(cfg=args.teacher_cfg)),
+                           ("student", student, dict(one_step=True))):
+        evaluate.sample_toy(model, tokenizer, 20, args.eval_num_iter, **kw)  # warm-up: first-call costs untimed
         imgs, labels, sec = evaluate.sample_toy(model, tokenizer, args.eval_images, args.eval_num_iter, seed=FINAL_SEED,
                                                 **kw)
         common.save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{who}.png"))

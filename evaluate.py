@@ -442,23 +442,24 @@ class ToyEvaluator:
         return self.net.to(images.device)(images.clamp(-1, 1)).log_softmax(1).gather(1, labels[:, None])[:, 0]
 
 
+TOY_BATCH = 200  # images per sampling call in sample_toy
+
+
 @torch.no_grad()
-def sample_toy(model, tokenizer, n, num_iter=4, cfg=1.0, one_step=False, seed=0, batch=200, num_diffusion_steps=None):
-    """n toy digits, labels 0, 1, ..., 9, 0, ... in batches of `batch`, batch i from generator seed + i, latents
-    decoded by `tokenizer` (the toy VAE). The teacher's reverse steps clip x0 to the latents' range
-    (tokenizer.x0_bound, see gaussian_diffusion.clip_x0); the one-step student's x0 is not clipped (its t* = 400
-    amplifies errors only 1.24x). Returns (images (n, 1, 16, 16), labels (n,), seconds per image, decoding
-    included as on ImageNet)."""
+def sample_toy(model, tokenizer, n, num_iter=4, cfg=1.0, one_step=False, seed=0):
+    """n toy digits, labels 0, 1, ..., 9, 0, ... in batches of TOY_BATCH, batch i from generator seed + i, by the
+    teacher's reverse diffusion (x0 clipped to the latents' range, tokenizer.x0_bound) or the one-step head, decoded
+    by `tokenizer` (the toy VAE). Returns (images (n, 1, 16, 16), labels (n,), seconds per image, decoding included
+    as on ImageNet)."""
     was_training = model.training
     model.eval()
     device = model.fake_latent.device
     labels = torch.arange(n, device=device) % 10
     t0 = time.time()
-    images = torch.cat([tokenizer.decode(model.sample_tokens(len(lb), num_iter=num_iter, cfg=cfg, labels=lb,
-                                                             one_step=one_step, num_diffusion_steps=num_diffusion_steps,
-                                                             clip_denoised=None if one_step else tokenizer.x0_bound,
+    head = mar.HeadSampler(one_step=one_step, clip=tokenizer.x0_bound)
+    images = torch.cat([tokenizer.decode(model.sample_tokens(len(lb), num_iter=num_iter, cfg=cfg, labels=lb, head=head,
                                                              generator=torch.Generator(device).manual_seed(seed + i)))
-                        for i, lb in enumerate(labels.split(batch))])
+                        for i, lb in enumerate(labels.split(TOY_BATCH))])
     sec = (time.time() - t0) / n
     model.train(was_training)
     return images, labels, sec

@@ -3,7 +3,7 @@
     python experiments.py                         # -> runs/experiments/report.md, report.json, fig_*.png
     python experiments.py --out-dir runs/exp --cfgs 1.0,2.0 --num-iters 1,4,16 --sizes small,base
 
-~26 minutes from nothing on 2 cores (twice that on a machine with half the matmul throughput). Like demo.py (whose
+About half an hour from nothing on 2 cores (docs/results.md, section 2). Like demo.py (whose
 flags it shares) it runs the real stage scripts in-process and reuses whatever is finished in --out-dir: the stage
 checkpoints, and each section's numbers (sections/*.json, recomputed when the section's settings change). It first
 runs the demo's pipeline (toy VAE, teacher, student, RL; the student with the full 30-epoch schedule, the demo's 20
@@ -12,10 +12,10 @@ being its time budget), then:
   headline        teacher (MAR, 100 head steps, cfg --teacher-cfg) vs the default one-step student at K = 4:
                   toy FID per seed set, IS, accuracy, seconds per image.      Paper: main table (MAR-B 2.60 vs
                   MARVAL-B 3.06, MAR-H 2.06 vs MARVAL-H 2.00; ~33x / >30x faster).
-  cfg_sweep       a student distilled at each teacher CFG w (--sweep-distill-epochs, shorter than the default
-                  student's), sampled at cfg 1: FID, IS, precision, recall, accuracy; the teacher at the same w
-                  beside it. Figure: FID against IS labelled by w.     Paper: CFG ablation, MARVAL-B w = 1 / 1.2 /
-                  2 / 4 -> FID 3.75 / 3.06 / 7.98 / 13.84, IS rising with w.
+  cfg_sweep       a student distilled at each teacher cfg (--sweep-distill-epochs, shorter than the default
+                  student's), sampled at cfg 1: FID, IS, precision, recall, accuracy; the teacher at the same cfg
+                  beside it. Figure: FID against IS labelled by cfg.   Paper: CFG ablation, MARVAL-B w = 1 / 1.2 /
+                  2 / 4 -> FID 3.75 / 3.06 / 7.98 / 13.84, IS rising with w (the paper's w read as MAR's cfg).
   num_iter_sweep  teacher and student at K AR iterations: FID and seconds per image. Figure: FID against
                   log10 seconds per image.                              Paper: N_AR 64 (RL) and 128 (evaluation).
   model_size      toy widths/depths (data.TOY_SIZES), each a teacher trained and distilled with the same schedule:
@@ -161,22 +161,22 @@ def num_iter_sweep(args, ev, teacher, student, seeds):
 
 
 def cfg_sweep(args, ev, teacher, seeds, clf, teacher_ckpt):
-    """One student per teacher CFG w, distilled with --sweep-distill-epochs; the teacher at w beside it.
+    """One student per teacher cfg, distilled with --sweep-distill-epochs; the teacher at that cfg beside it.
 
-    The paper's w is the CFG of the distillation target (MARVAL Eq. 10, read as MAR's cfg: README "GSIM student");
-    the student itself samples without guidance, so its trade-off is baked in at distillation time. The teacher's
-    own curve at the same w shows what the student inherits."""
+    The paper's ablation value w is the CFG of the distillation target, read here as MAR's cfg (docs/derivation.md
+    on the two readings of MARVAL Eq. 10); the student itself samples without guidance, so its trade-off is baked
+    in at distillation time. The teacher's own curve at the same cfg shows what the student inherits."""
     rows = []
-    for w in args.cfgs:
-        out = os.path.join(args.out_dir, "cfg_sweep", f"student_cfg{w:g}")
+    for cfg in args.cfgs:
+        out = os.path.join(args.out_dir, "cfg_sweep", f"student_cfg{cfg:g}")
         demo.run_stage(distill_gsim.main, out, args.sweep_distill_epochs * steps_per_epoch(),
-                       ["--preset", "toy", "--teacher", teacher_ckpt, "--teacher-cfg", str(w), "--epochs",
+                       ["--preset", "toy", "--teacher", teacher_ckpt, "--teacher-cfg", str(cfg), "--epochs",
                         str(args.sweep_distill_epochs), "--eval-images", "0", "--classifier", clf]
                        + args.distill_args)
         student = demo.load_toy(os.path.join(out, "checkpoint-last.pth"))
         s_runs, _, _ = measure(ev, *student, args.num_iter, seeds, args.eval_images, True, one_step=True)
-        t_runs, _, _ = measure(ev, *teacher, args.num_iter, seeds, args.eval_images, cfg=w)
-        rows.append({"cfg": w, **{k: mean(s_runs, k) for k in ("fid", "is", "precision", "recall", "accuracy")},
+        t_runs, _, _ = measure(ev, *teacher, args.num_iter, seeds, args.eval_images, cfg=cfg)
+        rows.append({"cfg": cfg, **{k: mean(s_runs, k) for k in ("fid", "is", "precision", "recall", "accuracy")},
                      "teacher_fid": mean(t_runs, "fid"), "teacher_is": mean(t_runs, "is")})
     return {"rows": rows}
 
@@ -258,10 +258,10 @@ def figures(rep, out_dir):
     """fig_cfg.png (the paper's FID-IS trade-off curve), fig_num_iter.png (where the one-step student sits on the
     speed-quality plane), fig_diversity.png (per-class recall on a 0-1 axis). fig_rl.png is rl_refine.py's own."""
     cfg, ks, div = rep["cfg_sweep"], rep["num_iter_sweep"], rep["diversity"]
-    common.plot_panels([dict(title="CFG trade-off (labels: w)", xlabel="toy IS", ylabel="toy FID",
-                             series=[("student (1 step, distilled at w)", [(r["is"], r["fid"], f"{r['cfg']:g}")
+    common.plot_panels([dict(title="CFG trade-off (labels: cfg)", xlabel="toy IS", ylabel="toy FID",
+                             series=[("student (1 step, distilled at cfg)", [(r["is"], r["fid"], f"{r['cfg']:g}")
                                                                           for r in cfg]),
-                                     ("teacher (100 steps, cfg w)", [(r["teacher_is"], r["teacher_fid"],
+                                     ("teacher (100 steps, same cfg)", [(r["teacher_is"], r["teacher_fid"],
                                                                       f"{r['cfg']:g}") for r in cfg])])],
                        os.path.join(out_dir, "fig_cfg.png"))
     common.plot_panels([dict(title="speed vs quality (labels: K)", xlabel="log10 seconds per image",
@@ -277,7 +277,7 @@ def figures(rep, out_dir):
 
 
 def shapes(rep):
-    """The expected shapes (issue 14), each checked against the toy's noise; True / False per shape."""
+    """The expected shapes of the paper's tables, each checked against the toy's noise; True / False per shape."""
     cfg, ks, rl, div = rep["cfg_sweep"], rep["num_iter_sweep"], rep["rl"], rep["diversity"]
     # the noise of one FID: half the range over the headline's seed sets (at least FID_NOISE)
     h = rep["headline"]
@@ -288,10 +288,10 @@ def shapes(rep):
     out["student_near_teacher"] = bool(s <= max(1.18 * t, t + noise))  # MARVAL-B's ratio, or within the noise
     if len(cfg) > 1:
         best = min(r["fid"] for r in cfg)
-        out["cfg_is_rises_with_w"] = cfg[-1]["is"] > cfg[0]["is"] and \
+        out["cfg_is_rises_with_cfg"] = cfg[-1]["is"] > cfg[0]["is"] and \
             all(b["is"] >= a["is"] - 0.05 * a["is"] for a, b in zip(cfg, cfg[1:]))
-        # the minimum at a small w: some w <= 1.5 within the noise of the best FID, and the largest w worse
-        out["cfg_fid_min_at_small_w"] = any(r["cfg"] <= 1.5 and r["fid"] <= best + noise for r in cfg) and \
+        # the minimum at a small cfg: some cfg <= 1.5 within the noise of the best FID, and the largest cfg worse
+        out["cfg_fid_min_at_small_cfg"] = any(r["cfg"] <= 1.5 and r["fid"] <= best + noise for r in cfg) and \
             cfg[-1]["fid"] > best + noise
     if len(ks) > 1:
         out["speedup_shrinks_with_k"] = all(b["speedup"] < a["speedup"] for a, b in zip(ks, ks[1:]))
@@ -330,20 +330,20 @@ def write_report(rep, out_dir):
           f"{h['student_sec_per_image']:.4f} |", "",
           f"Student / teacher FID {np.mean(h['student_fid']) / np.mean(h['teacher_fid']):.2f}x, speed-up "
           f"{h['speedup']:.1f}x. Same shape as the paper (the student within MARVAL-B's 1.18x of its teacher or "
-          f"within the noise)? {yes(sh['student_near_teacher'])}.", "", "![real, teacher and student digits](grids.png)",
-          "",
+          f"within the noise)? {yes(sh['student_near_teacher'])}.", "",
+          "![real, teacher and student digits](grids.png)", "",
           "## CFG sweep", "",
-          f"Paper: MARVAL-B w = 1 / 1.2 / 2 / 4 -> FID 3.75 / 3.06 / 7.98 / 13.84, IS rising with w. Here: a student "
-          f"distilled at each teacher CFG w for {s['sweep_distill_epochs']} epochs (the default student: "
-          f"{s['distill_epochs']}), first seed set; the teacher at cfg w beside it.", "",
-          "| w | student FID | student IS | precision | recall | accuracy | teacher FID | teacher IS |",
+          "Paper: MARVAL-B w = 1 / 1.2 / 2 / 4 -> FID 3.75 / 3.06 / 7.98 / 13.84, IS rising with w (read as MAR's "
+          f"cfg). Here: a student distilled at each teacher cfg for {s['sweep_distill_epochs']} epochs (the default "
+          f"student: {s['distill_epochs']}), first seed set; the teacher at that cfg beside it.", "",
+          "| cfg | student FID | student IS | precision | recall | accuracy | teacher FID | teacher IS |",
           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     md += [f"| {r['cfg']:g} | {r['fid']:.2f} | {r['is']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
            f"{100 * r['accuracy']:.1f}% | {r['teacher_fid']:.2f} | {r['teacher_is']:.2f} |" for r in rep["cfg_sweep"]]
-    if "cfg_is_rises_with_w" in sh:
-        md += ["", f"Same shape as the paper? IS rises with w: {yes(sh['cfg_is_rises_with_w'])}; FID has its minimum "
-                   "at a small w (<= 1.5, within noise) and rises at the largest: "
-                   f"{yes(sh['cfg_fid_min_at_small_w'])}."]
+    if "cfg_is_rises_with_cfg" in sh:
+        md += ["", f"Same shape as the paper? IS rises with cfg: {yes(sh['cfg_is_rises_with_cfg'])}; FID has its "
+                   "minimum at a small cfg (<= 1.5, within noise) and rises at the largest: "
+                   f"{yes(sh['cfg_fid_min_at_small_cfg'])}."]
     md += ["", "![FID against IS](fig_cfg.png)", "", "## AR iterations K: speed against quality", "",
            "Paper: N_AR = 64 for RL, 128 for evaluation (MAR: the transformer's cost grows with K, the head's is fixed "
            "per token). First seed set; seconds from the sampling call itself.", "",
@@ -382,9 +382,9 @@ def write_report(rep, out_dir):
            f"{len(s['seeds'])} evaluation seed sets that the RL checkpoint selection never saw.", "",
            "| | reward (log p) | accuracy | independent accuracy | second reward | toy FID |",
            "| --- | --- | --- | --- | --- | --- |"]
-    md += [f"| {w} RL | {rl[f'reward_{w}']:.4f} | {100 * rl[f'accuracy_{w}']:.1f}% | "
-           f"{100 * rl[f'independent_accuracy_{w}']:.1f}% | {rl[f'second_reward_{w}']:.4f} | {rl[f'fid_{w}']:.2f} |"
-           for w in ("before", "after")]
+    md += [f"| {at} RL | {rl[f'reward_{at}']:.4f} | {100 * rl[f'accuracy_{at}']:.1f}% | "
+           f"{100 * rl[f'independent_accuracy_{at}']:.1f}% | {rl[f'second_reward_{at}']:.4f} | {rl[f'fid_{at}']:.2f} |"
+           for at in ("before", "after")]
     md += ["", f"RL raises the reward: {yes(sh['rl_raises_reward'])}; without lowering the independent accuracy "
                f"(by more than a point): {yes(sh['rl_keeps_independent_accuracy'])}.", "",
            "![reward against FID over training; accuracies](fig_rl.png)", "",

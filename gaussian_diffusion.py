@@ -184,7 +184,8 @@ class GaussianDiffusion:
 
 def clip_x0(x0, bound):
     """The predicted x0 clamped to [-b, b]: bound False / None leaves it as is (MAR: clip_denoised=False), True is
-    [-1, 1] (pixel data, IDDPM's clip_denoised), a number b is [-b, b] (the toy: its latents' range, README "Toy").
+    [-1, 1] (pixel data, IDDPM's clip_denoised), a number b is [-b, b] (the toy: its latents' range,
+    docs/results.md section 7).
 
     Why a toy needs it: near t = 999 the sampler reads x0 = x_t / sqrt(abar) - ... with 1 / sqrt(abar_999) = 2e4, and
     the first reverse step's mean weighs that x0 by sqrt(abar_989) ~ 0.016, so an eps error e becomes 312 e in x_998.

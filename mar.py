@@ -21,22 +21,23 @@ Quick use (sampling under no_grad: with grad mode on, the latents keep the graph
     model = mar.load_mar("mar_base/checkpoint-last.pth", mar.mar_base()).eval()      # EMA weights, strict
     with torch.no_grad():
         latents = model.sample_tokens(4, num_iter=64, cfg=2.9, labels=torch.tensor([1, 2, 3, 4]))  # teacher
-        latents = model.sample_tokens(4, num_iter=64, labels=..., one_step=True)                     # MARVAL
+        latents = model.sample_tokens(4, num_iter=64, labels=..., head=mar.HeadSampler(one_step=True))  # MARVAL
     images = vae.decode(latents / 0.2325)
 """
 import argparse
+import functools
 import math
 import os
 import pickle
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
-from gaussian_diffusion import GaussianDiffusion, clip_x0
+from gaussian_diffusion import GaussianDiffusion
 
 # MAR's KL-16 latents are multiplied by this before the transformer ("normalize the std of latent to be 1").
 VAE_SCALE = 0.2325
@@ -238,9 +239,9 @@ def guided_eps(net, x, t, c, c_null=None, cfg=1.0):
     """Head output (N, 2C) with CFG on eps only: eps_hat = eps_u + cfg * (eps_c - eps_u); variance from the cond branch.
 
     MAR's convention (MAR arXiv:2406.11838 appendix B). In score form s = -eps_hat / sigma this is MARVAL Eq. 10,
-    s_p = (1 + w) s(x_t | c) - w s(x_t | null) with w = cfg - 1 (README's equation index on the two readings). x (N, C),
-    t (N,) ORIGINAL steps, c / c_null (N, Dz). Equivalent to `net.forward_with_cfg` on the doubled batch but keeps one
-    trajectory of N rows (the official second half is computed and thrown away).
+    s_p = (1 + w) s(x_t | c) - w s(x_t | null) with w = cfg - 1 (docs/derivation.md section 3: the two readings).
+    x (N, C), t (N,) ORIGINAL steps, c / c_null (N, Dz). Equivalent to `net.forward_with_cfg` on the doubled batch
+    but keeps one trajectory of N rows (the official second half is computed and thrown away).
     """
     if c_null is None or cfg == 1.0:
         return net(x, t, c)
@@ -250,7 +251,7 @@ def guided_eps(net, x, t, c, c_null=None, cfg=1.0):
     return torch.cat([uncond[:, :C] + cfg * (cond[:, :C] - uncond[:, :C]), cond[:, C:]], dim=-1)
 
 
-def one_step_x0(net, z, c, diffusion, c_null=None, cfg=1.0, clip_denoised=False):
+def one_step_x0(net, z, c, diffusion, c_null=None, cfg=1.0):
     """MARVAL one-step generator g_theta(z, c): read z ~ N(0, I) (N, C) as x_400 and return the head's x0 prediction
 
         x0 = (z - sqrt(1 - abar_400) * eps_hat(z, 400, c)) / sqrt(abar_400) = 1.244193 z - 0.740281 eps_hat.
@@ -261,8 +262,36 @@ def one_step_x0(net, z, c, diffusion, c_null=None, cfg=1.0, clip_denoised=False)
     """
     t = torch.full((len(z),), ONE_STEP_T, dtype=torch.long, device=z.device)
     eps = guided_eps(net, z, t, c, c_null, cfg)[:, : z.shape[-1]]  # (N, C)
-    x0 = diffusion.predict_x0(z, t, eps)
-    return clip_x0(x0, clip_denoised)
+    return diffusion.predict_x0(z, t, eps)
+
+
+@dataclass(frozen=True)
+class HeadSampler:
+    """How an AR step draws its new tokens from their conditions (`MAR.sample_tokens`' `head`). MAR: the head's
+    reverse diffusion over `steps` respaced steps (None: the model's "100"), temperature = MAR's tau. MARVAL
+    (one_step=True): `one_step_x0`, one head call from t* = 400 on z ~ N(0, tau^2 I). `clip` bounds the reverse
+    diffusion's predicted x0 (`gaussian_diffusion.clip_x0`; False as in MAR, the latents' range for the toy
+    teacher); the one-step x0 is never clipped (at t* = 400 an eps error reaches x0 scaled by 0.74 only)."""
+    one_step: bool = False
+    steps: int | None = None
+    temperature: float = 1.0
+    clip: float | bool = False
+
+    def noise(self, diffloss, bsz, k, generator, device):
+        """The noise one AR step needs for k tokens per image: (B k, C) for one step; (S+1, B k, C) for S reverse
+        steps, [0] = x_T and [1:] one per step. Each image's draws come from its own generator."""
+        C = diffloss.in_channels
+        if self.one_step:
+            return _randn((bsz, k * C), generator, device).reshape(bsz * k, C) * self.temperature
+        S = diffloss.gen_diffusion(self.steps).num_timesteps
+        noise = _randn((bsz, (S + 1) * k * C), generator, device).reshape(bsz, S + 1, k, C)
+        return noise.permute(1, 0, 2, 3).reshape(S + 1, bsz * k, C)
+
+    def __call__(self, diffloss, c, c_null, cfg, noise):
+        """Tokens (B k, C) for conditions c (B k, Dz) (c_null: the unconditional ones, for cfg != 1)."""
+        if self.one_step:
+            return one_step_x0(diffloss.net, noise, c, diffloss.train_diffusion, c_null, cfg)
+        return diffloss.sample(c, noise[0], noise[1:], c_null, cfg, self.temperature, self.steps, self.clip)
 
 
 # ==== Masking helpers ===========================================================================================
@@ -512,83 +541,59 @@ class MAR(nn.Module):
         return self.diffloss(target, c, rows, generator)
 
     # -- sampling ---------------------------------------------------------------------------------------------------
-    def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
-                      num_diffusion_steps=None, one_step=False, clip_denoised=False, generator=None, progress=False,
-                      checkpoint_steps=False, grad_steps=None, step_callback=None):
-        """MAR's outer masked-AR loop; returns latents (B, C, H, W) in the 0.2325-scaled space.
+    def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, head=HeadSampler(),
+                      generator=None, run_step=None):
+        """MAR's outer masked-AR loop (MAR sec. 4.2); returns latents (B, C, H, W) in the 0.2325-scaled space.
 
-        Teacher (one_step=False): each AR step runs the head's reverse diffusion (`num_diffusion_steps`, default the
-        model's "100") for the newly revealed tokens, CFG on eps only. MARVAL (one_step=True): one head call per
-        token from t* = 400, z scaled by `temperature`; use cfg = 1 for a distilled student.
-        `clip_denoised` bounds every predicted x0 (`clip_x0`): False as in MAR, the toy teacher its latents' range.
+        K = num_iter steps, each revealing the tokens `mask_schedule` frees (random order per image) and drawing them
+        with `head`: MAR's reverse diffusion by default, MARVAL's one-step generator with HeadSampler(one_step=True).
+        CFG (cfg, cfg_schedule: MAR appendix B) acts on eps; a distilled student samples at cfg = 1.
 
         generator: a torch.Generator, or a list of B generators (one per image: an image then depends only on its
-        own generator, not on its batch). Inference runs under torch.no_grad(): with grad mode on, the latents keep
-        every AR step's graph, as RL wants: `checkpoint_steps` wraps each AR step in torch.utils.checkpoint (noise is
-        drawn outside, so recomputation is exact), `grad_steps=k` keeps the graph of the last k only (DRaFT-k), and
-        `step_callback(step, tokens, mask, n_masked, pos, noise)` sees each step's inputs (RL's frozen reference).
+        own generator, not on its batch). Sample under torch.no_grad(): with grad mode on, the latents keep every
+        AR step's graph. run_step(step, ar_step, tokens, mask, n_masked, pos, noise) runs each AR step (default:
+        ar_step(tokens, mask, ...)); RL adds its checkpointing, truncation and frozen reference there
+        (rl_refine.RLSteps). The noise is drawn before the step runs, so a recomputed step is exact.
 
-        Every shape is known on the host (the schedule fixes each step's count, and the still-masked set is a prefix of
-        `orders`): index tensors of those sizes, no device-to-host copy, an AR step CUDA graphs can capture.
+        Every shape is known on the host (the schedule fixes each step's count, and the still-masked set is a prefix
+        of `orders`): index tensors of those sizes, no device-to-host copy, an AR step CUDA graphs can capture.
         """
+        run_step = run_step or (lambda step, ar_step, *inputs: ar_step(*inputs))
         device = self.fake_latent.device
-        L, C = self.seq_len, self.token_embed_dim
         if labels is not None and len(labels) != bsz:
             raise ValueError(f"labels has {len(labels)} entries for a batch of {bsz}")
         orders = self.sample_orders(bsz, generator, device)
-        tokens, mask = torch.zeros(bsz, L, C, device=device), torch.ones(bsz, L, device=device)
-        n_masked = L  # the same count in every row: the schedule is deterministic
-        S = None if one_step else self.diffloss.gen_diffusion(num_diffusion_steps).num_timesteps
-        schedule = tqdm(mask_schedule(L, num_iter), desc="AR steps", disable=not progress)
-        for step, (n_pred, mask_len) in enumerate(schedule):
+        tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=device)
+        mask = torch.ones(bsz, self.seq_len, device=device)
+        n_masked = self.seq_len  # the same count in every row: the schedule is deterministic
+        for step, (n_pred, mask_len) in enumerate(mask_schedule(self.seq_len, num_iter)):
             if n_pred == 0:  # num_iter > L can leave a step with nothing to predict
                 continue
             # The tokens leaving the mask set this step: the last n_pred of the still-masked prefix of `orders`,
             # in ascending position (the order MAR's boolean indexing visits them in, which pairs them with noise).
             pos = orders[:, n_masked - n_pred: n_masked].sort(dim=1).values  # (B, k)
-            cfg_k = cfg_scale_at(cfg, L, mask_len, cfg_schedule) if cfg != 1.0 else 1.0
-            # Noise for this step, drawn here so a generator decides it and checkpoint recomputation is exact.
-            if one_step:
-                noise = _randn((bsz, n_pred * C), generator, device).reshape(bsz * n_pred, C) * temperature  # (B k, C)
-            else:
-                noise = _randn((bsz, (S + 1) * n_pred * C), generator, device).reshape(bsz, S + 1, n_pred, C)
-                # (B, S+1, k, C) -> (S+1, B k, C): [0] = x_T, [1:] one per reverse step
-                noise = noise.permute(1, 0, 2, 3).reshape(S + 1, bsz * n_pred, C)
-            if step_callback is not None:
-                step_callback(step, tokens, mask, n_masked, pos, noise)
-
-            def head(c, c_null, noise, cfg_k=cfg_k):  # the per-token generator of this AR step: (B k, Dz) -> (B k, C)
-                if one_step:
-                    return one_step_x0(self.diffloss.net, noise, c, self.diffloss.train_diffusion, c_null, cfg_k,
-                                       clip_denoised)
-                return self.diffloss.sample(c, noise[0], noise[1:], c_null, cfg_k, temperature, num_diffusion_steps,
-                                            clip_denoised)
-
-            args = (tokens, mask, n_masked, pos, labels, noise, head, cfg_k != 1.0)
-            track = grad_steps is None or step >= num_iter - grad_steps
-            with torch.set_grad_enabled(torch.is_grad_enabled() and track):
-                if checkpoint_steps and torch.is_grad_enabled():
-                    tokens = checkpoint(self._ar_step, *args, use_reentrant=False)
-                else:
-                    tokens = self._ar_step(*args)
+            noise = head.noise(self.diffloss, bsz, n_pred, generator, device)
+            cfg_k = cfg_scale_at(cfg, self.seq_len, mask_len, cfg_schedule) if cfg != 1.0 else 1.0
+            ar_step = functools.partial(self._ar_step, labels=labels, head=head, cfg=cfg_k)
+            tokens = run_step(step, ar_step, tokens, mask, n_masked, pos, noise)
             n_masked -= n_pred
             mask = torch.zeros_like(mask).scatter(1, orders[:, :n_masked], 1.0)  # (B, L) the still-masked prefix
         return self.unpatchify(tokens)
 
-    def _ar_step(self, tokens, mask, n_masked, pos, labels, noise, head, guided):
+    def _ar_step(self, tokens, mask, n_masked, pos, noise, labels, head, cfg):
         """One AR iteration: conditions for all positions from the current tokens and mask (n_masked per row), then
-        `head` for the positions `pos` (B, k); returns the tokens with those k written. guided: run the transformer
-        on a doubled batch whose second half is unconditional (fake_latent) for CFG."""
+        `head` draws the tokens at positions `pos` (B, k) from `noise`; returns the tokens with those k written.
+        With cfg != 1 the transformer also runs on an unconditional copy of the batch (fake_latent) for CFG."""
         B, k = pos.shape
         cls = self.class_emb(labels) if labels is not None else self.fake_latent.expand(B, -1)
-        if guided:  # CFG: the second half of the batch is unconditional (fake_latent), same tokens and mask
+        if cfg != 1.0:  # CFG: the second half of the batch is unconditional (fake_latent), same tokens and mask
             c2 = self.conditions(torch.cat([tokens, tokens]), torch.cat([mask, mask]),
                                  torch.cat([cls, self.fake_latent.expand(B, -1)]), n_masked=n_masked)  # (2B, L, Dd)
             c2 = gather_rows(c2, torch.cat([pos, pos])).flatten(0, 1)  # (2B k, Dd): image-major, ascending position
             c, c_null = c2.chunk(2)  # (B k, Dd) each
         else:
             c, c_null = gather_rows(self.conditions(tokens, mask, cls, n_masked=n_masked), pos).flatten(0, 1), None
-        x0 = head(c, c_null, noise).to(tokens.dtype).reshape(B, k, -1)  # (B, k, C)
+        x0 = head(self.diffloss, c, c_null, cfg, noise).to(tokens.dtype).reshape(B, k, -1)  # (B, k, C)
         # Out-of-place write of the new tokens: differentiable into both the old tokens and x0.
         return tokens.scatter(1, pos[..., None].expand(-1, -1, tokens.shape[-1]), x0)
 
@@ -668,13 +673,9 @@ def load_state_dict_strict(module, sd, what="checkpoint", hint="Check --model / 
 
 
 def checkpoint_kind(ckpt):
-    """"student" for a MARVAL one-step student (distill_gsim.py and rl_refine.py write `kind`; older files of theirs
-    carry the aux head or their arguments), "teacher" for any other MAR checkpoint (official, train_mar.py)."""
-    if "kind" in ckpt:
-        return ckpt["kind"]
-    args = ckpt.get("args")
-    args = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
-    return "student" if "aux" in ckpt or "teacher" in args or "student" in args else "teacher"
+    """What a checkpoint holds: the "kind" its writer recorded ("student": distill_gsim.py / rl_refine.py; "teacher":
+    train_mar.py); the official MAR files record none and are teachers."""
+    return ckpt.get("kind", "teacher")
 
 
 def load_mar(path, model, use_ema=True, verbose=True, expect=None):
@@ -686,9 +687,10 @@ def load_mar(path, model, use_ema=True, verbose=True, expect=None):
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or not ({"model", "model_ema"} & set(ckpt)):
         raise ValueError(f"{path!r} is not a MAR checkpoint: expected a dict with 'model' and/or 'model_ema'")
-    made = {"student": "a MARVAL one-step student (distill_gsim.py / rl_refine.py)",
-            "teacher": "a MAR teacher (official or train_mar.py)"}[checkpoint_kind(ckpt)]
-    if expect is not None and checkpoint_kind(ckpt) != expect:
+    kind = checkpoint_kind(ckpt)
+    if expect is not None and kind != expect:
+        made = {"student": "a MARVAL one-step student (distill_gsim.py / rl_refine.py)",
+                "teacher": "a MAR teacher (official or train_mar.py)"}.get(kind, f"a {kind!r} checkpoint")
         raise ValueError(f"this is {made}, not a {expect}")
     key = "model_ema" if use_ema and "model_ema" in ckpt else "model"
     load_state_dict_strict(model, ckpt[key], f"{path!r} [{key}]")

@@ -22,7 +22,7 @@ floor against iterations) and OUT_DIR/report.json (`ed_over_floor`, `reward_befo
     python marval_2d.py --out-dir runs/2d
     python marval_2d.py --out-dir runs/2d_sim --path-weight 0      # SIM's loss (no path term): a biased gradient
 
-Knobs, and what a student of the course sees (measured; the numbers: README, "MARVAL in two dimensions"):
+Knobs, and what a student of the course sees (measured; the numbers: docs/results.md, section 3):
   --path-weight 0     SIM's loss without the path term d(y): a biased gradient, a little further from the teacher.
   --flip-sign         y -> -y: GSIM drives the student away from the teacher; each class collapses onto one mode.
   --detach-dprime     Delta without gradient, so d(y) and d'(y) are constants and only eps_phi(x_t) in the

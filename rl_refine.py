@@ -3,7 +3,7 @@
 With one-step heads, a whole image is K AR iterations of (transformer + one head call), then the VAE decoder: short
 enough to differentiate end to end. The reward model's gradient then flows into the generator:
 
-    image = decode(sample_tokens(K, one_step=True))    differentiable; every AR step under torch.utils.checkpoint
+    image = decode(sample_tokens(K, one-step head))    differentiable; every AR step under torch.utils.checkpoint
     loss  = -mean R(image, prompt) + beta * mean |x0_policy - x0_frozen|^2
 
 R is PickScore (paper), an open_clip CLIP score, or on the toy the toy classifier's log-probability of the requested
@@ -86,35 +86,53 @@ def build_reward(args, device):
     return fn.to(device), None
 
 
+class RLSteps:
+    """The AR steps of a generation with gradients: `run_step` for `MAR.sample_tokens` (reward back-propagation
+    through generation: DRaFT, Clark et al. 2023, arXiv:2309.17400, here through all K AR steps).
+
+    Each step runs under torch.utils.checkpoint (`checkpoint`: K steps' activations would not fit at K = 64), keeps
+    its graph only among the last `truncate_k` steps (DRaFT-K; None: all), and, given a frozen `reference`, records
+    the reference's one-step outputs for the step's inputs (the DRaFT+ penalty, `penalty`). The sampler draws a
+    step's noise before the step, so the recomputation under checkpointing is exact."""
+
+    def __init__(self, num_iter, labels, checkpoint=True, truncate_k=None, reference=None):
+        self.num_iter, self.labels, self.checkpoint = num_iter, labels, checkpoint
+        self.truncate_k, self.reference, self.records = truncate_k, reference, []
+
+    def __call__(self, step, ar_step, tokens, mask, n_masked, pos, noise):
+        if self.reference is not None:  # the frozen model's x0 for the same context (tokens so far) and noise
+            with torch.no_grad():
+                ref = self.reference
+                c = ref.conditions(tokens.detach(), mask, ref.class_emb(self.labels), n_masked=n_masked)
+                c = mar.gather_rows(c, pos).flatten(0, 1)                                   # (B k, Dz)
+                self.records.append((pos, mar.one_step_x0(ref.diffloss.net, noise, c, ref.diffloss.train_diffusion)))
+        track = self.truncate_k is None or step >= self.num_iter - self.truncate_k
+        with torch.set_grad_enabled(torch.is_grad_enabled() and track):
+            if self.checkpoint and torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(ar_step, tokens, mask, n_masked, pos, noise,
+                                                         use_reentrant=False)
+            return ar_step(tokens, mask, n_masked, pos, noise)
+
+    def penalty(self, tokens):
+        """DRaFT+ penalty: mean over the AR steps of the mean squared difference between the tokens the policy wrote
+        (still held, with their graph, by the final `tokens` (B, L, C)) and the reference's (0 without one)."""
+        if not self.records:
+            return torch.zeros((), device=tokens.device)
+        return torch.stack([(mar.gather_rows(tokens, pos).flatten(0, 1) - ref).square().mean()  # (B k, C) each
+                            for pos, ref in self.records]).mean()
+
+
 def generate_with_reference(policy, reference, labels, gens, args):
-    """K-step one-step-head generation with gradients, and the DRaFT+ penalty (reward back-propagation: DRaFT, Clark
-    et al. 2023, arXiv:2309.17400, here through all K AR steps; the penalty toward the frozen start: DRaFT+).
+    """K-step generation of the one-step student with gradients (`RLSteps`), and the DRaFT+ penalty toward the
+    frozen `reference` (None: no penalty), the second term of
 
         loss = -R(decode(x), prompt) + beta * mean_k |x0_k - x0_k^ref|^2,   x0_k^ref from the frozen model, same inputs
 
-    At every AR step the frozen reference gets the same context (tokens so far, detached) and noise as the policy;
-    the policy's outputs for that step are the tokens it writes, which the final sequence still holds (with their
-    graph). Returns (latents (B, C, H, W), penalty: mean squared difference of the one-step outputs)."""
-    records = []
-
-    def on_step(step, tokens, mask, n_masked, pos, noise):
-        if reference is None:
-            return
-        with torch.no_grad():
-            z = reference.conditions(tokens.detach(), mask, reference.class_emb(labels), n_masked=n_masked)
-            c = mar.gather_rows(z, pos).flatten(0, 1)                                # (B k, Dz)
-            x0_ref = mar.one_step_x0(reference.diffloss.net, noise, c, reference.diffloss.train_diffusion)  # (B k, C)
-            records.append((pos, x0_ref))
-
-    latents = policy.sample_tokens(len(labels), num_iter=args.num_iter, labels=labels, one_step=True, generator=gens,
-                                   checkpoint_steps=not args.no_checkpoint_steps, grad_steps=args.truncate_k,
-                                   step_callback=on_step)
-    if not records:
-        return latents, torch.zeros((), device=latents.device)
-    tokens = policy.patchify(latents)                                                 # (B, L, C)
-    penalty = torch.stack([(mar.gather_rows(tokens, pos).flatten(0, 1) - ref).square().mean()  # (B k, C) each
-                           for pos, ref in records]).mean()
-    return latents, penalty
+    Returns (latents (B, C, H, W), penalty)."""
+    steps = RLSteps(args.num_iter, labels, not args.no_checkpoint_steps, args.truncate_k, reference)
+    latents = policy.sample_tokens(len(labels), num_iter=args.num_iter, labels=labels,
+                                   head=mar.HeadSampler(one_step=True), generator=gens, run_step=steps)
+    return latents, steps.penalty(policy.patchify(latents))
 
 
 def run_length(args):
@@ -156,10 +174,11 @@ def rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, args):
 
 
 @torch.no_grad()
-def held_out(model, reference, tokenizer, reward_fn, evaluator, args, device, n_classes, watcher=None):
+def held_out(model, reference, tokenizer, reward_fn, evaluator, args, n_classes, watcher=None):
     """Fixed labels and seeds: mean reward, the DRaFT+ distance to the frozen start (`drift`: the penalty term on
     the held-out generations), and on the toy accuracy and toy FID of the same images; with a `watcher` (an
     evaluator the reward never uses) its accuracy and class similarity too, the check for reward hacking."""
+    device = model.fake_latent.device
     labels = heldout_labels(args.eval_images, n_classes).to(device)
     imgs, drift = [], []
     for i, lb in enumerate(labels.split(100)):
@@ -201,8 +220,9 @@ def plot_tradeoff(history, path):
 
 # Selection guard outside the toy (note 1): the held-out DRaFT+ distance, a mean squared difference of one-step outputs
 # (MAR latents have unit variance) to the frozen start for the same context and noise. Calibrated on the toy only
-# (README "RL"): in an unguarded run the last evaluation with toy FID <= 1.3x the start's had drift 0.022 of the
-# data's variance, the next one (FID 1.40x) 0.035. Recheck on a real run (log.jsonl holds drift per evaluation).
+# (docs/results.md section 9): in an unguarded run the last evaluation with toy FID <= 1.3x the start's had drift
+# 0.022 of the data's variance, the next one (FID 1.40x) 0.035. Recheck on a real run (log.jsonl holds the drift of
+# every evaluation).
 MAX_DRIFT = 0.025
 # Seeds: the held-out set's image i is drawn from seed HELDOUT_SEED + i at every evaluation (the same images each
 # time); a training step's image b from step_seed * STEP_STRIDE + b (STEP_STRIDE exceeds any per-rank batch, so no
@@ -358,8 +378,7 @@ def main(argv=None):
 
     def evaluate_now():
         nonlocal best
-        rec, imgs, labels = held_out(ema, reference, tokenizer, reward_fn, evaluator, args, device, n_classes,
-                                     watcher)
+        rec, imgs, labels = held_out(ema, reference, tokenizer, reward_fn, evaluator, args, n_classes, watcher)
         rec["step"] = step
         history.append(rec)
         start_fid = history[0].get("toy_fid")

@@ -40,7 +40,7 @@ AUTOCAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16
 # Sampling precision by device. The first reverse step of the 100-step respacing predicts x0 with the head's eps
 # error times sqrt(1/abar_999 - 1) = 20,291, about 316 in the next state x_989, so the mantissa matters: fp16 keeps
 # 11 bits, bf16 8. bf16 is the GPU default, measured on a toy teacher whose clipped x0 hides that amplification
-# (README, "Sampling precision"): recheck fp16 against bf16 on ImageNet.
+# (docs/results.md, section 10): recheck fp16 against bf16 on ImageNet.
 PRECISION_DEFAULT = {"cuda": "bf16", "cpu": "fp32"}
 
 
@@ -81,10 +81,9 @@ def generate(model, tokenizer, labels, gens, args, precision):
     64 images and K = 64 a graph would keep every transformer activation of every AR step (bench.py --dry-run
     measures this function at the paper's sizes)."""
     with torch.autocast(labels.device.type, dtype=AUTOCAST[precision], enabled=precision != "fp32"):
+        head = mar.HeadSampler(args.one_step, args.num_diffusion_steps, args.temperature, tokenizer.x0_bound)
         latents = model.sample_tokens(len(labels), num_iter=args.num_iter, cfg=args.cfg,
-                                      cfg_schedule=args.cfg_schedule, labels=labels, temperature=args.temperature,
-                                      num_diffusion_steps=args.num_diffusion_steps, one_step=args.one_step,
-                                      generator=gens, clip_denoised=None if args.one_step else tokenizer.x0_bound)
+                                      cfg_schedule=args.cfg_schedule, labels=labels, head=head, generator=gens)
         return tokenizer.decode(latents.float())
 
 
@@ -159,8 +158,8 @@ def main(argv=None):
     img_dir = os.path.join(args.out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
     mode = "one-step (MARVAL)" if args.one_step else f"teacher, {args.num_diffusion_steps} head steps"
-    common.print0(f"sampling {args.num_images} images, {mode}, K={args.num_iter}, cfg {args.cfg} ({args.cfg_schedule}), "
-               f"{world} process(es), batch {args.batch_size} each")
+    common.print0(f"sampling {args.num_images} images, {mode}, K={args.num_iter}, cfg {args.cfg} "
+                  f"({args.cfg_schedule}), {world} process(es), batch {args.batch_size} each")
 
     # -- sample this rank's batches --------------------------------------------------------------------------------
     B, W = args.batch_size, world

@@ -12,7 +12,7 @@ every toy checkpoint), a class-folder dataset + the KL-16 VAE (--data-path, --va
 model + model_ema, plus optimizer / step / args), log.jsonl, and for the toy grid.png (one row per class) and
 eval.json (toy FID / IS / accuracy of teacher samples).
 
-    # toy, CPU (its time and toy FID: README, "Measured on the toy")
+    # toy, CPU (its time and toy FID: docs/results.md, section 7)
     python train_mar.py --preset toy --out-dir runs/toy_teacher
     # ImageNet, 1 GPU / 8 GPUs (MAR-B recipe: 800 epochs at global batch 2048 in the paper; lr = blr * batch / 256)
     python train_mar.py --model mar_base --data-path IMAGENET/train --vae kl16.ckpt --out-dir runs/mar_base
@@ -249,8 +249,8 @@ def main(argv=None):
     model.train()
     workers = 0 if args.preset == "toy" else args.num_workers
     while step < last:
-        loader = data.epoch_loader(dataset, step, steps_per_epoch, args.global_batch_size, world, rank, args.seed,
-                                   workers, device)
+        loader = data.epoch_loader(dataset, step, args.global_batch_size, world, rank, args.seed, workers,
+                                   device)
         for xb, yb in loader:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             gen = torch.Generator(device).manual_seed(common.step_seed(args.seed, rank, step))

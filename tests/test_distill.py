@@ -34,7 +34,7 @@ def test_only_the_student_head_moves(toy_ckpt, tmp_path):
         assert all(math.isfinite(r[k]) for k in ("loss_g", "loss_aux", "y_mean", "y_max", "grad_norm_g")), r
         assert 0 < r["y_mean"] <= r["y_max"]
     student = mar.load_mar(os.path.join(out, "checkpoint-last.pth"), mar.MAR(**data.TOY_MODEL))  # a plain MAR
-    x = student.sample_tokens(2, num_iter=2, labels=torch.tensor([1, 2]), one_step=True)
+    x = student.sample_tokens(2, num_iter=2, labels=torch.tensor([1, 2]), head=mar.HeadSampler(one_step=True))
     assert x.shape == (2, 16, 4, 4) and torch.isfinite(x).all()  # toy VAE latents
     ck_vae, t_vae = ck["toy_vae"], mar.read_checkpoint(toy_ckpt)["toy_vae"]  # the teacher's toy VAE, passed on
     assert ck_vae.keys() == t_vae.keys() and all(torch.equal(ck_vae[k], t_vae[k]) for k in t_vae)

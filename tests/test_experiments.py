@@ -82,7 +82,7 @@ def test_shapes_are_read_against_the_noise():
     assert not good["larger_model_lower_student_fid"]  # 20.5 vs 20.0: no size effect inside the noise
     assert all(isinstance(v, bool) for k, v in good.items() if k != "fid_noise")  # JSON-serialisable
     bad = experiments.shapes(report([10, 10, 10], [13, 13, 13], [15, 9, 8], [7, 6, 5], 0.7, -0.1))
-    assert not any(bad[k] for k in ("student_near_teacher", "cfg_is_rises_with_w", "cfg_fid_min_at_small_w",
+    assert not any(bad[k] for k in ("student_near_teacher", "cfg_is_rises_with_cfg", "cfg_fid_min_at_small_cfg",
                                     "student_recall_at_least_0.9x_teacher", "rl_raises_reward"))
     noisy = experiments.shapes(report([5.5, 7, 8.5], [6.8, 8.3, 9.8], [9, 8, 15], [5, 6, 7], 0.75, 0.1))
     assert noisy["fid_noise"] == pytest.approx(1.5) and noisy["student_near_teacher"]  # 1.19x, but 1.3 < the noise

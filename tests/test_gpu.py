@@ -78,7 +78,7 @@ def test_an_ar_step_never_waits_for_the_host(one_step):
     model = mar.mar_tiny(img_size=64).cuda().eval()
     labels = torch.tensor([1, 2], device="cuda")
     gens = [torch.Generator("cuda").manual_seed(i) for i in range(2)]
-    kw = dict(one_step=True) if one_step else dict(cfg=2.0, num_diffusion_steps=3)
+    kw = dict(head=mar.HeadSampler(one_step=True)) if one_step else dict(cfg=2.0, head=mar.HeadSampler(steps=3))
     with torch.no_grad():
         model.sample_tokens(2, num_iter=4, labels=labels, generator=gens, **kw)  # warm-up: tables reach the GPU
         torch.cuda.synchronize()

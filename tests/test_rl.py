@@ -1,5 +1,6 @@
 """Stage 2: rewards loaded through the real loading code (tiny random models saved to disk), gradients from the reward
 through preprocessing and VAE decode into the generator, and a short RL run with the regulariser and selection."""
+import copy
 import json
 import os
 
@@ -13,6 +14,8 @@ import rewards
 import rl_refine
 import vae
 from conftest import randomize_
+
+ONE_STEP = mar.HeadSampler(one_step=True)
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +41,71 @@ def tiny_generator_and_vae():
     return model, data.Tokenizer(ae.requires_grad_(False))
 
 
+def sample_with_grads(model, labels, run_step):
+    """Four AR steps of the one-step head with gradients, each run by `run_step`; (samples, parameter grads)."""
+    model.zero_grad()
+    out = model.sample_tokens(2, num_iter=4, labels=labels, head=ONE_STEP, generator=torch.Generator().manual_seed(0),
+                              run_step=run_step)
+    out.square().mean().backward()
+    return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def test_per_step_checkpointing_gives_the_same_gradients():
+    model, labels = tiny_generator_and_vae()[0], torch.tensor([1, 2])
+    out_a, g_a = sample_with_grads(model, labels, rl_refine.RLSteps(4, labels, checkpoint=False))
+    out_b, g_b = sample_with_grads(model, labels, rl_refine.RLSteps(4, labels, checkpoint=True))
+    torch.testing.assert_close(out_a, out_b)
+    assert g_a.keys() == g_b.keys() and len(g_a) > 10
+    for k in g_a:
+        torch.testing.assert_close(g_a[k], g_b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_truncated_backprop_leaves_early_steps_without_gradient():
+    """truncate_k = 1: only the last AR step keeps a graph. Tokens fixed in the earlier steps then carry no gradient,
+    so the gradient differs from the full one but is not zero."""
+    model, labels = tiny_generator_and_vae()[0], torch.tensor([1, 2])
+    out_full, g_full = sample_with_grads(model, labels, rl_refine.RLSteps(4, labels, checkpoint=False))
+    outputs, last = [], rl_refine.RLSteps(4, labels, checkpoint=False, truncate_k=1)
+
+    def keep(step, ar_step, *inputs):  # RLSteps, recording what each AR step returns
+        outputs.append(last(step, ar_step, *inputs))
+        return outputs[-1]
+
+    out_last, g_last = sample_with_grads(model, labels, keep)
+    torch.testing.assert_close(out_full, out_last)  # same samples
+    k = "diffloss.net.final_layer.linear.weight"
+    assert g_last[k].abs().sum() > 0 and not torch.allclose(g_last[k], g_full[k])
+    assert [o.requires_grad for o in outputs] == [False, False, False, True]
+
+
+def test_reference_penalty_is_zero_at_the_start_and_differentiable_after():
+    """RLSteps' DRaFT+ penalty: exactly 0 while the policy equals the frozen reference; once they differ, positive,
+    with a gradient in the policy only (the reference runs under no_grad)."""
+    policy, labels = tiny_generator_and_vae()[0], torch.tensor([1, 2])
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    gen = lambda: torch.Generator().manual_seed(0)
+    steps = rl_refine.RLSteps(4, labels, reference=reference)
+    out = policy.sample_tokens(2, num_iter=4, labels=labels, head=ONE_STEP, generator=gen(), run_step=steps)
+    assert len(steps.records) == 4 and steps.penalty(policy.patchify(out)).item() == 0.0
+    with torch.no_grad():
+        policy.diffloss.net.final_layer.linear.bias.add_(0.1)  # the policy's x0 moves by 0.074 per channel
+    steps = rl_refine.RLSteps(4, labels, reference=reference)
+    out = policy.sample_tokens(2, num_iter=4, labels=labels, head=ONE_STEP, generator=gen(), run_step=steps)
+    penalty = steps.penalty(policy.patchify(out))
+    assert penalty.item() > 0
+    penalty.backward()
+    assert policy.diffloss.net.final_layer.linear.bias.grad.abs().sum() > 0
+    assert all(p.grad is None for p in reference.parameters())
+
+
 @pytest.mark.parametrize("kind", ["pickscore", "clip"])
 def test_reward_gradient_reaches_the_generator(kind, pickscore_dirs, open_clip_file):
     reward = rewards.PickScoreReward.from_dirs(*pickscore_dirs) if kind == "pickscore" else \
         rewards.ClipReward(*open_clip_file)
     model, tok = tiny_generator_and_vae()
     labels = torch.tensor([1, 207])
-    latents = model.sample_tokens(2, num_iter=2, labels=labels, one_step=True, checkpoint_steps=True,
-                                  generator=torch.Generator().manual_seed(0))
+    latents = model.sample_tokens(2, num_iter=2, labels=labels, head=ONE_STEP, generator=torch.Generator().manual_seed(0),
+                                  run_step=rl_refine.RLSteps(2, labels, checkpoint=True))
     images = tok.decode(latents)                    # (2, 3, 8, 8): CLIP preprocessing resizes to 32
     score = reward(images, labels)
     assert score.shape == (2,) and torch.isfinite(score).all()
@@ -107,7 +167,7 @@ def test_toy_reward_gradient_crosses_the_toy_decoder(toy_ckpt):
     model = mar.load_mar(toy_ckpt, mar.MAR(**data.TOY_MODEL), verbose=False)
     tok, clf = data.toy_tokenizer_of(toy_ckpt), evaluate.ToyClassifier().requires_grad_(False)
     labels = torch.tensor([3, 7])
-    latents = model.sample_tokens(2, num_iter=2, labels=labels, one_step=True, generator=torch.Generator().manual_seed(0))
+    latents = model.sample_tokens(2, num_iter=2, labels=labels, head=ONE_STEP, generator=torch.Generator().manual_seed(0))
     images = tok.decode(latents)
     assert images.shape == (2, 1, 16, 16) and images.requires_grad
     clf(images).log_softmax(1).gather(1, labels[:, None]).sum().backward()

@@ -103,8 +103,8 @@ class TimestepEmbedder(nn.Module):
         # Sinusoidal embedding of the ORIGINAL integer step 0..999, cos first then sin (MAR/DiT convention).
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]  # (N, half)
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (N, W)
+        phase = t[:, None].float() * freqs[None]  # (N, half)
+        return self.mlp(torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1))  # (N, W)
 
 
 class ResBlock(nn.Module):

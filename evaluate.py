@@ -451,17 +451,20 @@ def sample_toy(model, tokenizer, n, num_iter=4, cfg=1.0, one_step=False, seed=0)
     teacher's reverse diffusion (x0 clipped to the latents' range, tokenizer.x0_bound) or the one-step head, decoded
     by `tokenizer` (the toy VAE). Returns (images (n, 1, 16, 16), labels (n,), seconds per image, decoding included
     as on ImageNet)."""
-    was_training = model.training
-    model.eval()
-    device = model.fake_latent.device
+    was_training, device = model.training, model.fake_latent.device
     labels = torch.arange(n, device=device) % 10
-    t0 = time.time()
     head = mar.HeadSampler(one_step=one_step, clip=tokenizer.x0_bound)
-    images = torch.cat([tokenizer.decode(model.sample_tokens(len(lb), num_iter=num_iter, cfg=cfg, labels=lb, head=head,
-                                                             generator=torch.Generator(device).manual_seed(seed + i)))
-                        for i, lb in enumerate(labels.split(TOY_BATCH))])
-    sec = (time.time() - t0) / n
-    model.train(was_training)
+    sample = lambda i, lb: model.sample_tokens(len(lb), num_iter=num_iter, cfg=cfg, labels=lb, head=head,
+                                               generator=torch.Generator(device).manual_seed(seed + i))
+    try:
+        model.eval()
+        t0 = time.time()
+        images = torch.cat([tokenizer.decode(sample(i, lb)) for i, lb in enumerate(labels.split(TOY_BATCH))])
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the kernels' work, not their launches
+        sec = (time.time() - t0) / n
+    finally:
+        model.train(was_training)
     return images, labels, sec
 
 

@@ -187,8 +187,9 @@ def clip_x0(x0, bound):
     [-1, 1] (pixel data, IDDPM's clip_denoised), a number b is [-b, b] (the toy: its latents' range,
     docs/results.md section 7).
 
-    Why a toy needs it: near t = 999 the sampler reads x0 = x_t / sqrt(abar) - ... with 1 / sqrt(abar_999) = 2e4, and
-    the first reverse step's mean weighs that x0 by sqrt(abar_989) ~ 0.016, so an eps error e becomes 312 e in x_998.
+    Why a toy needs it: at t = 999 the sampler reads x0 = x_t / sqrt(abar) - sqrt(1/abar - 1) eps with
+    sqrt(1/abar_999 - 1) = 20,291, and the first reverse step of the 100-step respacing (999 -> 989) weighs that x0 by
+    sqrt(abar_989) ~ 0.016, so an eps error e becomes about 316 e in x_989.
     MAR's large, long-trained heads keep e small enough; a toy head (eps error ~0.03 at t = 999) gives latents in
     the hundreds. Clamping x0 to the data range throws the amplified error away; it is inactive once x0 is sane.
     """

@@ -7,22 +7,16 @@ it. Read it top to bottom:
   2. the per-token diffusion head `SimpleMLPAdaLN` and `DiffLoss` (MAR sec. 3.2, Eq. 1: the per-token diffusion
      loss), with `guided_eps` (CFG on eps; MARVAL Eq. 10) and `one_step_x0` (MARVAL's one-step generator),
   3. the masking and sampling schedules (MAR sec. 4.2 and appendix B) and the random-draw helpers,
-  4. `MAR`: masked encoder/decoder, state-dict compatible with the official checkpoints, its training loss and
-     `sample_tokens`: MAR's teacher sampler (K AR iterations x N reverse diffusion steps, CFG) and MARVAL's
-     one-step sampler (K AR iterations x 1 head call from the fixed step t* = 400),
+  4. `MAR`: masked encoder/decoder (the official state-dict layout), its training loss and `sample_tokens`: K AR
+     iterations, each token drawn by `HeadSampler` (MAR: N reverse diffusion steps, CFG; MARVAL: one call at t* = 400),
   5. presets (the released B / L / H and a tiny one) and checkpoint loading (strict, EMA weights by default).
 
-The run machinery (process group, all-reduce, run log, atomic save, EMA, seeds) is in common.py; README's equation
-index maps every equation of the papers to its function. Nothing here calls `.cuda()`: the device comes from the
-inputs. Randomness rule (every file): a draw takes its GENERATOR's device, then moves to where it is used (`randn`,
-`rand`, `randint` below): torch refuses a CPU draw from a CUDA generator, which no CPU test can see.
+The run machinery is in common.py; README's equation index maps every equation of the papers to its function. Nothing
+here calls `.cuda()`: the device comes from the inputs. Randomness rule (every file): a draw takes its GENERATOR's
+device, then moves to where it is used (`randn`, `rand`, `randint`): torch refuses a CPU draw from a CUDA generator.
 
-Quick use (sampling under no_grad: with grad mode on, the latents keep the graph of every AR step):
-    model = mar.load_mar("mar_base/checkpoint-last.pth", mar.mar_base()).eval()      # EMA weights, strict
-    with torch.no_grad():
-        latents = model.sample_tokens(4, num_iter=64, cfg=2.9, labels=torch.tensor([1, 2, 3, 4]))  # teacher
-        latents = model.sample_tokens(4, num_iter=64, labels=..., head=mar.HeadSampler(one_step=True))  # MARVAL
-    images = vae.decode(latents / 0.2325)
+Quick use: README, "The paper's scale" (sample under torch.no_grad(); a MARVAL student samples with
+head=HeadSampler(one_step=True) and cfg 1).
 """
 import argparse
 import functools
@@ -269,7 +263,8 @@ def one_step_x0(net, z, c, diffusion, c_null=None, cfg=1.0):
 class HeadSampler:
     """How an AR step draws its new tokens from their conditions (`MAR.sample_tokens`' `head`). MAR: the head's
     reverse diffusion over `steps` respaced steps (None: the model's "100"), temperature = MAR's tau. MARVAL
-    (one_step=True): `one_step_x0`, one head call from t* = 400 on z ~ N(0, tau^2 I). `clip` bounds the reverse
+    (one_step=True): `one_step_x0`, one head call from t* = 400 on z ~ N(0, tau^2 I) (tau != 1 is not in MARVAL,
+    whose sampler is tau = 1). `clip` bounds the reverse
     diffusion's predicted x0 (`gaussian_diffusion.clip_x0`; False as in MAR, the latents' range for the toy
     teacher); the one-step x0 is never clipped (at t* = 400 an eps error reaches x0 scaled by 0.74 only)."""
     one_step: bool = False
@@ -310,10 +305,13 @@ def mask_schedule(seq_len, num_iter):
     """MAR's sampler schedule (MAR sec. 4.2, the cosine schedule of MaskGIT, Chang et al. 2022, arXiv:2202.04200):
     for each AR step, (tokens predicted, tokens still masked after).
 
-    After step k, floor(L cos(pi/2 (k+1)/K)) stay masked, clamped so that every step predicts at least one token
-    (while any remain) and the last step predicts all the rest. The "still masked" count is the one the linear CFG
-    schedule uses, and it is 1 (not 0) at the last step: the official quirk `cfg_schedule` reproduces.
+    After step k, floor(L cos(pi/2 (k+1)/K)) stay masked, clamped to [1, still masked - 1]: a step predicts at least
+    one token while two or more remain, none while one remains (K > L), and the last step all the rest. The count is
+    the one the linear CFG schedule uses, and it is 1 (not 0) at the last step: the official quirk `cfg_schedule`
+    reproduces.
     """
+    if num_iter < 1:
+        raise ValueError(f"num_iter must be at least 1, got {num_iter}")
     masked, out = seq_len, []
     for step in range(num_iter):
         mask_len = math.floor(seq_len * np.cos(math.pi / 2.0 * (step + 1) / num_iter))
@@ -380,6 +378,8 @@ def _randn(shape, gens, device):
 
 def _randperm(bsz, n, gens, device):
     """(B, n) random orders: one permutation per image."""
+    if isinstance(gens, (list, tuple)) and len(gens) != bsz:
+        raise ValueError(f"{len(gens)} generators for a batch of {bsz}: give one per image")
     gens = gens if isinstance(gens, (list, tuple)) else [gens] * bsz  # a shared generator is drawn from B times
     return torch.stack([torch.randperm(n, generator=g, device=_gen_device(g, None)) for g in gens]).to(device)
 
@@ -551,9 +551,10 @@ class MAR(nn.Module):
 
         generator: a torch.Generator, or a list of B generators (one per image: an image then depends only on its
         own generator, not on its batch). Sample under torch.no_grad(): with grad mode on, the latents keep every
-        AR step's graph. run_step(step, ar_step, tokens, mask, n_masked, pos, noise) runs each AR step (default:
-        ar_step(tokens, mask, ...)); RL adds its checkpointing, truncation and frozen reference there
-        (rl_refine.RLSteps). The noise is drawn before the step runs, so a recomputed step is exact.
+        AR step's graph. run_step(step, ar_step, tokens, mask, n_masked, pos, noise) runs each AR step and returns the
+        new tokens (B, L, C) (default: ar_step(tokens, mask, ...), ar_step = partial(self._ar_step, labels=, head=,
+        cfg=)); RL adds checkpointing, truncation and its frozen reference there (rl_refine.RLSteps). The noise is
+        drawn before the step runs, so a recomputed step is exact.
 
         Every shape is known on the host (the schedule fixes each step's count, and the still-masked set is a prefix
         of `orders`): index tensors of those sizes, no device-to-host copy, an AR step CUDA graphs can capture.

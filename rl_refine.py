@@ -13,9 +13,8 @@ Reward back-propagation is known to hack the reward (AlignProp, DRaFT, ReFL): th
 model likes and away from the data. Two guards: a regulariser toward the frozen starting policy (DRaFT+, NVIDIA
 NeMo-Aligner 2024, adds to DRaFT a penalty between the tuned and the frozen model's eps predictions; here: for the
 SAME context and noise at every AR step, the squared difference of the one-step outputs
-x0 = 1.24 z - 0.74 eps_hat, i.e. 0.74^2 |eps_hat - eps_hat_ref|^2), and model selection: checkpoint-best.pth is
-the step with the best held-out reward among those whose toy FID stays within --fid-bound x the start's (toy),
-besides checkpoint-last.pth.
+x0 = 1.24 z - 0.74 eps_hat, i.e. 0.74^2 |eps_hat - eps_hat_ref|^2), and model selection (checkpoint-best.pth,
+besides checkpoint-last.pth: note 1).
 
 Reads --student (a MAR-format checkpoint, from distill_gsim.py). Writes to --out-dir checkpoint-last.pth and
 checkpoint-best.pth (official MAR format: model + model_ema), log.jsonl (mean train reward, held-out reward, accuracy,
@@ -56,6 +55,7 @@ Deliberate choices where the paper is silent:
 """
 import argparse
 import copy
+import functools
 import json
 import os
 
@@ -90,35 +90,39 @@ class RLSteps:
     """The AR steps of a generation with gradients: `run_step` for `MAR.sample_tokens` (reward back-propagation
     through generation: DRaFT, Clark et al. 2023, arXiv:2309.17400, here through all K AR steps).
 
-    Each step runs under torch.utils.checkpoint (`checkpoint`: K steps' activations would not fit at K = 64), keeps
-    its graph only among the last `truncate_k` steps (DRaFT-K; None: all), and, given a frozen `reference`, records
-    the reference's one-step outputs for the step's inputs (the DRaFT+ penalty, `penalty`). The sampler draws a
-    step's noise before the step, so the recomputation under checkpointing is exact."""
+    Each step runs under torch.utils.checkpoint (`use_checkpoint`: K steps' activations would not fit at K = 64),
+    keeps its graph only in the last `truncate_k` of the `num_iter` steps (DRaFT-K; None: all; a step with nothing to
+    reveal, possible when num_iter > L, still counts), and, given a frozen `reference` MAR, runs the reference's own
+    AR step on the same inputs (tokens so far, detached, and the same noise) to record the tokens it would write,
+    for the DRaFT+ `penalty`. The sampler draws a step's noise before the step, so recomputation is exact."""
 
-    def __init__(self, num_iter, labels, checkpoint=True, truncate_k=None, reference=None):
-        self.num_iter, self.labels, self.checkpoint = num_iter, labels, checkpoint
-        self.truncate_k, self.reference, self.records = truncate_k, reference, []
+    def __init__(self, num_iter, use_checkpoint=True, truncate_k=None, reference=None):
+        self.num_iter, self.use_checkpoint = num_iter, use_checkpoint
+        self.truncate_k, self.reference = truncate_k, reference
+        self.records = []  # (pos (B, k), the reference's tokens there (B, k, C)) per AR step
 
     def __call__(self, step, ar_step, tokens, mask, n_masked, pos, noise):
-        if self.reference is not None:  # the frozen model's x0 for the same context (tokens so far) and noise
+        if step >= self.num_iter:
+            raise ValueError(f"AR step {step} of a sampler run longer than RLSteps' num_iter = {self.num_iter}")
+        if self.reference is not None:  # ar_step = partial(policy._ar_step, labels=, head=, cfg=): the same for ref
+            ref_step = functools.partial(self.reference._ar_step, **ar_step.keywords)
             with torch.no_grad():
-                ref = self.reference
-                c = ref.conditions(tokens.detach(), mask, ref.class_emb(self.labels), n_masked=n_masked)
-                c = mar.gather_rows(c, pos).flatten(0, 1)                                   # (B k, Dz)
-                self.records.append((pos, mar.one_step_x0(ref.diffloss.net, noise, c, ref.diffloss.train_diffusion)))
+                self.records.append((pos, mar.gather_rows(ref_step(tokens.detach(), mask, n_masked, pos, noise), pos)))
         track = self.truncate_k is None or step >= self.num_iter - self.truncate_k
         with torch.set_grad_enabled(torch.is_grad_enabled() and track):
-            if self.checkpoint and torch.is_grad_enabled():
+            if self.use_checkpoint and torch.is_grad_enabled():
                 return torch.utils.checkpoint.checkpoint(ar_step, tokens, mask, n_masked, pos, noise,
                                                          use_reentrant=False)
             return ar_step(tokens, mask, n_masked, pos, noise)
 
     def penalty(self, tokens):
-        """DRaFT+ penalty: mean over the AR steps of the mean squared difference between the tokens the policy wrote
-        (still held, with their graph, by the final `tokens` (B, L, C)) and the reference's (0 without one)."""
+        """DRaFT+ penalty: over the AR steps, the mean of each step's mean squared difference between the tokens the
+        policy wrote (held, with their graph, by the final `tokens` (B, L, C)) and the reference's; 0 without a
+        reference. Each AR step weighs the same whatever its token count (MAR's schedule reveals few tokens early,
+        many late), so the value depends on K; steps outside `truncate_k` count in it without a gradient."""
         if not self.records:
             return torch.zeros((), device=tokens.device)
-        return torch.stack([(mar.gather_rows(tokens, pos).flatten(0, 1) - ref).square().mean()  # (B k, C) each
+        return torch.stack([(mar.gather_rows(tokens, pos) - ref).square().mean()  # (B, k, C) each step
                             for pos, ref in self.records]).mean()
 
 
@@ -129,7 +133,7 @@ def generate_with_reference(policy, reference, labels, gens, args):
         loss = -R(decode(x), prompt) + beta * mean_k |x0_k - x0_k^ref|^2,   x0_k^ref from the frozen model, same inputs
 
     Returns (latents (B, C, H, W), penalty)."""
-    steps = RLSteps(args.num_iter, labels, not args.no_checkpoint_steps, args.truncate_k, reference)
+    steps = RLSteps(args.num_iter, not args.no_checkpoint_steps, args.truncate_k, reference)
     latents = policy.sample_tokens(len(labels), num_iter=args.num_iter, labels=labels,
                                    head=mar.HeadSampler(one_step=True), generator=gens, run_step=steps)
     return latents, steps.penalty(policy.patchify(latents))
@@ -175,20 +179,21 @@ def rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, args):
 
 @torch.no_grad()
 def held_out(model, reference, tokenizer, reward_fn, evaluator, args, n_classes, watcher=None):
-    """Fixed labels and seeds: mean reward, the DRaFT+ distance to the frozen start (`drift`: the penalty term on
-    the held-out generations), and on the toy accuracy and toy FID of the same images; with a `watcher` (an
-    evaluator the reward never uses) its accuracy and class similarity too, the check for reward hacking."""
-    device = model.fake_latent.device
+    """Fixed labels and seeds (image i from HELDOUT_SEED + i): mean reward, the DRaFT+ distance to the frozen start
+    (`drift`: the penalty term on the held-out generations), and on the toy accuracy and toy FID of the same images;
+    with a `watcher` (an evaluator the reward never uses) its accuracy and class similarity too, the check for reward
+    hacking. Returns (that dict, images (N, C, H, W) in [-1, 1], labels (N,))."""
+    device, chunk = model.fake_latent.device, 100  # images per generation call
     labels = heldout_labels(args.eval_images, n_classes).to(device)
     imgs, drift = [], []
-    for i, lb in enumerate(labels.split(100)):
-        gens = [torch.Generator(device).manual_seed(HELDOUT_SEED + 100 * i + j) for j in range(len(lb))]  # per image
+    for i, lb in enumerate(labels.split(chunk)):
+        gens = [torch.Generator(device).manual_seed(HELDOUT_SEED + chunk * i + j) for j in range(len(lb))]
         lat, d = generate_with_reference(model, reference, lb, gens, args)
         imgs.append(tokenizer.decode(lat))
         drift.append(d * len(lb))
     imgs = torch.cat(imgs)
-    rewards = torch.cat([reward_fn(x, lb) for x, lb in zip(imgs.split(100), labels.split(100))])
-    out = {"heldout_reward": rewards.mean().item(), "drift": (sum(drift) / len(labels)).item()}
+    scores = torch.cat([reward_fn(x, lb) for x, lb in zip(imgs.split(chunk), labels.split(chunk))])
+    out = {"heldout_reward": scores.mean().item(), "drift": (sum(drift) / len(labels)).item()}
     if evaluator is not None:
         m = evaluator(imgs, labels)
         out.update(heldout_accuracy=m["accuracy"], toy_fid=m["toy_fid"])
@@ -225,8 +230,8 @@ def plot_tradeoff(history, path):
 # every evaluation).
 MAX_DRIFT = 0.025
 # Seeds: the held-out set's image i is drawn from seed HELDOUT_SEED + i at every evaluation (the same images each
-# time); a training step's image b from step_seed * STEP_STRIDE + b (STEP_STRIDE exceeds any per-rank batch, so no
-# two images of a run share a seed).
+# time); a training step's image b from step_seed * STEP_STRIDE + b, distinct within a step while the per-rank
+# batch is below STEP_STRIDE (checked in check_inputs; common.step_seed says which steps' seeds repeat).
 HELDOUT_SEED, STEP_STRIDE = 90_000, 131
 TOY_DEFAULTS = dict(out_dir="runs/toy_rl", reward="toy", num_iter=4, global_batch_size=32, lr=2e-6,
                     reg_weight=1.0, max_steps=150, eval_every=25, log_every=5, save_every=25)
@@ -328,6 +333,9 @@ def main(argv=None):
     args = get_args(argv)
     check_inputs(args)
     rank, world, device, bsz = common.start_run(args, [("--student", args.student)])
+    if bsz >= STEP_STRIDE:  # the images of one step would share seeds
+        raise common.UsageError(f"--global-batch-size {args.global_batch_size}: {bsz} per process; RL takes at most "
+                                f"{STEP_STRIDE - 1} per process (use more processes)")
     toy = args.preset == "toy"
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")  # resolved (and saved so)
 

@@ -81,7 +81,8 @@ def generate(model, tokenizer, labels, gens, args, precision):
     64 images and K = 64 a graph would keep every transformer activation of every AR step (bench.py --dry-run
     measures this function at the paper's sizes)."""
     with torch.autocast(labels.device.type, dtype=AUTOCAST[precision], enabled=precision != "fp32"):
-        head = mar.HeadSampler(args.one_step, args.num_diffusion_steps, args.temperature, tokenizer.x0_bound)
+        head = mar.HeadSampler(one_step=args.one_step, steps=args.num_diffusion_steps, temperature=args.temperature,
+                               clip=tokenizer.x0_bound)
         latents = model.sample_tokens(len(labels), num_iter=args.num_iter, cfg=args.cfg,
                                       cfg_schedule=args.cfg_schedule, labels=labels, head=head, generator=gens)
         return tokenizer.decode(latents.float())

@@ -52,8 +52,8 @@ def sample_with_grads(model, labels, run_step):
 
 def test_per_step_checkpointing_gives_the_same_gradients():
     model, labels = tiny_generator_and_vae()[0], torch.tensor([1, 2])
-    out_a, g_a = sample_with_grads(model, labels, rl_refine.RLSteps(4, labels, checkpoint=False))
-    out_b, g_b = sample_with_grads(model, labels, rl_refine.RLSteps(4, labels, checkpoint=True))
+    out_a, g_a = sample_with_grads(model, labels, rl_refine.RLSteps(4, use_checkpoint=False))
+    out_b, g_b = sample_with_grads(model, labels, rl_refine.RLSteps(4, use_checkpoint=True))
     torch.testing.assert_close(out_a, out_b)
     assert g_a.keys() == g_b.keys() and len(g_a) > 10
     for k in g_a:
@@ -64,8 +64,8 @@ def test_truncated_backprop_leaves_early_steps_without_gradient():
     """truncate_k = 1: only the last AR step keeps a graph. Tokens fixed in the earlier steps then carry no gradient,
     so the gradient differs from the full one but is not zero."""
     model, labels = tiny_generator_and_vae()[0], torch.tensor([1, 2])
-    out_full, g_full = sample_with_grads(model, labels, rl_refine.RLSteps(4, labels, checkpoint=False))
-    outputs, last = [], rl_refine.RLSteps(4, labels, checkpoint=False, truncate_k=1)
+    out_full, g_full = sample_with_grads(model, labels, rl_refine.RLSteps(4, use_checkpoint=False))
+    outputs, last = [], rl_refine.RLSteps(4, use_checkpoint=False, truncate_k=1)
 
     def keep(step, ar_step, *inputs):  # RLSteps, recording what each AR step returns
         outputs.append(last(step, ar_step, *inputs))
@@ -80,22 +80,41 @@ def test_truncated_backprop_leaves_early_steps_without_gradient():
 
 def test_reference_penalty_is_zero_at_the_start_and_differentiable_after():
     """RLSteps' DRaFT+ penalty: exactly 0 while the policy equals the frozen reference; once they differ, positive,
-    with a gradient in the policy only (the reference runs under no_grad)."""
+    with a gradient in the policy only, and the reference's tokens are its own one-step x0 for the policy's context
+    and noise (checked at the first AR step, rebuilt by hand from the same generator)."""
     policy, labels = tiny_generator_and_vae()[0], torch.tensor([1, 2])
     reference = copy.deepcopy(policy).requires_grad_(False)
     gen = lambda: torch.Generator().manual_seed(0)
-    steps = rl_refine.RLSteps(4, labels, reference=reference)
+    steps = rl_refine.RLSteps(4, reference=reference)
     out = policy.sample_tokens(2, num_iter=4, labels=labels, head=ONE_STEP, generator=gen(), run_step=steps)
     assert len(steps.records) == 4 and steps.penalty(policy.patchify(out)).item() == 0.0
     with torch.no_grad():
         policy.diffloss.net.final_layer.linear.bias.add_(0.1)  # the policy's x0 moves by 0.074 per channel
-    steps = rl_refine.RLSteps(4, labels, reference=reference)
+    steps = rl_refine.RLSteps(4, reference=reference)
     out = policy.sample_tokens(2, num_iter=4, labels=labels, head=ONE_STEP, generator=gen(), run_step=steps)
     penalty = steps.penalty(policy.patchify(out))
-    assert penalty.item() > 0
+    assert penalty.item() > 0 and not any(ref.requires_grad for _, ref in steps.records)
     penalty.backward()
     assert policy.diffloss.net.final_layer.linear.bias.grad.abs().sum() > 0
     assert all(p.grad is None for p in reference.parameters())
+    # the first AR step by hand: everything masked, the sampler's draws in its order (orders, then the step's noise)
+    g, L, C = gen(), policy.seq_len, policy.token_embed_dim
+    orders = policy.sample_orders(2, g)
+    k = mar.mask_schedule(L, 4)[0][0]
+    noise = ONE_STEP.noise(reference.diffloss, 2, k, g, "cpu")
+    pos = orders[:, L - k:].sort(dim=1).values
+    with torch.no_grad():
+        c = reference.conditions(torch.zeros(2, L, C), torch.ones(2, L), reference.class_emb(labels))
+        c = mar.gather_rows(c, pos).flatten(0, 1)
+        x0 = mar.one_step_x0(reference.diffloss.net, noise, c, reference.diffloss.train_diffusion).reshape(2, k, C)
+    assert torch.equal(steps.records[0][0], pos)
+    torch.testing.assert_close(steps.records[0][1], x0)
+
+
+def test_rl_steps_refuse_a_longer_sampler_run():
+    model = tiny_generator_and_vae()[0]
+    with pytest.raises(ValueError, match="num_iter = 2"):
+        model.sample_tokens(1, num_iter=3, labels=torch.tensor([1]), head=ONE_STEP, run_step=rl_refine.RLSteps(2))
 
 
 @pytest.mark.parametrize("kind", ["pickscore", "clip"])
@@ -104,8 +123,9 @@ def test_reward_gradient_reaches_the_generator(kind, pickscore_dirs, open_clip_f
         rewards.ClipReward(*open_clip_file)
     model, tok = tiny_generator_and_vae()
     labels = torch.tensor([1, 207])
-    latents = model.sample_tokens(2, num_iter=2, labels=labels, head=ONE_STEP, generator=torch.Generator().manual_seed(0),
-                                  run_step=rl_refine.RLSteps(2, labels, checkpoint=True))
+    latents = model.sample_tokens(2, num_iter=2, labels=labels, head=ONE_STEP,
+                                  generator=torch.Generator().manual_seed(0),
+                                  run_step=rl_refine.RLSteps(2, use_checkpoint=True))
     images = tok.decode(latents)                    # (2, 3, 8, 8): CLIP preprocessing resizes to 32
     score = reward(images, labels)
     assert score.shape == (2,) and torch.isfinite(score).all()
@@ -167,7 +187,8 @@ def test_toy_reward_gradient_crosses_the_toy_decoder(toy_ckpt):
     model = mar.load_mar(toy_ckpt, mar.MAR(**data.TOY_MODEL), verbose=False)
     tok, clf = data.toy_tokenizer_of(toy_ckpt), evaluate.ToyClassifier().requires_grad_(False)
     labels = torch.tensor([3, 7])
-    latents = model.sample_tokens(2, num_iter=2, labels=labels, head=ONE_STEP, generator=torch.Generator().manual_seed(0))
+    latents = model.sample_tokens(2, num_iter=2, labels=labels, head=ONE_STEP,
+                                  generator=torch.Generator().manual_seed(0))
     images = tok.decode(latents)
     assert images.shape == (2, 1, 16, 16) and images.requires_grad
     clf(images).log_softmax(1).gather(1, labels[:, None]).sum().backward()

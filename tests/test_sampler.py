@@ -29,7 +29,8 @@ def test_schedule_matches_official_trace():
         assert cfgs == pytest.approx(case["cfg_per_step"], rel=1e-6, abs=1e-6), case
 
 
-def test_schedule_examples_from_the_spec():
+def test_schedule_examples_by_hand():
+    """MAR sec. 4.2's cosine schedule worked by hand: after step 1 of 4, floor(256 cos(pi/8)) = 236 stay masked."""
     assert [n for n, _ in mar.mask_schedule(256, 4)] == [20, 55, 84, 97]
     assert [n for n, _ in mar.mask_schedule(256, 8)] == [5, 15, 24, 31, 39, 45, 48, 49]
     for K in (1, 2, 16, 64, 100, 256):
@@ -55,6 +56,34 @@ def test_sampler_reveals_the_scheduled_tokens(K, monkeypatch):
         out = model.sample_tokens(2, num_iter=K, labels=torch.tensor([1, 2]), head=ONE_STEP)
     assert seen == [n for n, _ in mar.mask_schedule(16, K)]
     assert out.shape == (2, 16, 4, 4) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("K, cfg", [(4, 1.0), (5, 2.5), (20, 1.5)])
+def test_each_ar_step_reveals_the_end_of_the_masked_prefix_of_the_order(K, cfg):
+    """The sampler's bookkeeping, seen by a run_step spy: before each step the mask is exactly the first n_masked
+    positions of the image's random order; the step writes the last k of them, sorted; its CFG scale is MAR's
+    linear schedule; the steps partition all L positions. K = 20 > L = 16 has steps with nothing to reveal."""
+    model, L, seen = tiny(), 16, []
+
+    def spy(step, ar_step, tokens, mask, n_masked, pos, noise):
+        seen.append((step, mask.clone(), n_masked, pos, ar_step.keywords["cfg"]))
+        return ar_step(tokens, mask, n_masked, pos, noise)
+
+    with torch.no_grad():
+        model.sample_tokens(2, num_iter=K, cfg=cfg, labels=torch.tensor([1, 2]), head=mar.HeadSampler(steps=2),
+                            generator=torch.Generator().manual_seed(3), run_step=spy)
+    orders = model.sample_orders(2, torch.Generator().manual_seed(3))  # the sampler's first draw
+    schedule = mar.mask_schedule(L, K)
+    assert [s for s, *_ in seen] == [k for k, (n, _) in enumerate(schedule) if n > 0]
+    revealed = []
+    for step, mask, n_masked, pos, cfg_k in seen:
+        n_pred, mask_len = schedule[step]
+        want = torch.zeros(2, L).scatter(1, orders[:, :n_masked], 1.0)
+        assert torch.equal(mask, want) and n_masked == L - sum(n for n, _ in schedule[:step])
+        assert torch.equal(pos, orders[:, n_masked - n_pred: n_masked].sort(dim=1).values)
+        assert cfg_k == (mar.cfg_scale_at(cfg, L, mask_len) if cfg != 1.0 else 1.0)
+        revealed.append(pos)
+    assert torch.equal(torch.cat(revealed, 1).sort(dim=1).values, torch.arange(L).expand(2, -1))
 
 
 def test_one_step_formula_closed_form():

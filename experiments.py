@@ -259,10 +259,10 @@ def figures(rep, out_dir):
     speed-quality plane), fig_diversity.png (per-class recall on a 0-1 axis). fig_rl.png is rl_refine.py's own."""
     cfg, ks, div = rep["cfg_sweep"], rep["num_iter_sweep"], rep["diversity"]
     common.plot_panels([dict(title="CFG trade-off (labels: cfg)", xlabel="toy IS", ylabel="toy FID",
-                             series=[("student (1 step, distilled at cfg)", [(r["is"], r["fid"], f"{r['cfg']:g}")
-                                                                          for r in cfg]),
-                                     ("teacher (100 steps, same cfg)", [(r["teacher_is"], r["teacher_fid"],
-                                                                      f"{r['cfg']:g}") for r in cfg])])],
+                             series=[("teacher (100 steps, same cfg)", [(r["teacher_is"], r["teacher_fid"],
+                                                                      f"{r['cfg']:g}") for r in cfg]),
+                                     ("student (1 step, distilled at cfg)", [(r["is"], r["fid"], f"{r['cfg']:g}")
+                                                                          for r in cfg])])],
                        os.path.join(out_dir, "fig_cfg.png"))
     common.plot_panels([dict(title="speed vs quality (labels: K)", xlabel="log10 seconds per image",
                              ylabel="toy FID",

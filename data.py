@@ -187,9 +187,8 @@ def toy_tokenizer_of(path, device="cpu"):
     import vae as vae_lib
     ck = mar.read_checkpoint(path)
     if "toy_vae" not in ck:
-        raise ValueError(f"toy checkpoint {path!r} has no 'toy_vae' entry: it was "
-                         "written by a pixel-token toy or is not a toy checkpoint; "
-                         "train a new toy teacher with `python train_mar.py --preset toy`")
+        raise ValueError(f"toy checkpoint {path!r} has no 'toy_vae' entry (every toy checkpoint of this code "
+                         "carries its toy VAE): train a toy teacher with `python train_mar.py --preset toy`")
     model = vae_lib.ToyVAE()
     mar.load_state_dict_strict(model, ck["toy_vae"], "toy VAE in the checkpoint")
     return toy_tokenizer(model.eval().requires_grad_(False).to(device))

@@ -264,9 +264,9 @@ class HeadSampler:
     """How an AR step draws its new tokens from their conditions (`MAR.sample_tokens`' `head`). MAR: the head's
     reverse diffusion over `steps` respaced steps (None: the model's "100"), temperature = MAR's tau. MARVAL
     (one_step=True): `one_step_x0`, one head call from t* = 400 on z ~ N(0, tau^2 I) (tau != 1 is not in MARVAL,
-    whose sampler is tau = 1). `clip` bounds the reverse
-    diffusion's predicted x0 (`gaussian_diffusion.clip_x0`; False as in MAR, the latents' range for the toy
-    teacher); the one-step x0 is never clipped (at t* = 400 an eps error reaches x0 scaled by 0.74 only)."""
+    whose sampler is tau = 1). `clip` bounds the reverse diffusion's predicted x0 (`gaussian_diffusion.clip_x0`;
+    False as in MAR, the latents' range for the toy teacher); the one-step x0 is never clipped (at t* = 400 an eps
+    error reaches x0 scaled by 0.74 only)."""
     one_step: bool = False
     steps: int | None = None
     temperature: float = 1.0
@@ -276,11 +276,11 @@ class HeadSampler:
         """The noise one AR step needs for k tokens per image: (B k, C) for one step; (S+1, B k, C) for S reverse
         steps, [0] = x_T and [1:] one per step. Each image's draws come from its own generator."""
         C = diffloss.in_channels
-        if self.one_step:
+        if self.one_step:  # (B, k C) -> (B k, C): image-major, as the step's conditions
             return _randn((bsz, k * C), generator, device).reshape(bsz * k, C) * self.temperature
         S = diffloss.gen_diffusion(self.steps).num_timesteps
-        noise = _randn((bsz, (S + 1) * k * C), generator, device).reshape(bsz, S + 1, k, C)
-        return noise.permute(1, 0, 2, 3).reshape(S + 1, bsz * k, C)
+        noise = _randn((bsz, (S + 1) * k * C), generator, device).reshape(bsz, S + 1, k, C)  # per image: x_T, steps
+        return noise.permute(1, 0, 2, 3).reshape(S + 1, bsz * k, C)  # (S+1, B k, C)
 
     def __call__(self, diffloss, c, c_null, cfg, noise):
         """Tokens (B k, C) for conditions c (B k, Dz) (c_null: the unconditional ones, for cfg != 1)."""

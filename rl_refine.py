@@ -231,7 +231,7 @@ def plot_tradeoff(history, path):
 MAX_DRIFT = 0.025
 # Seeds: the held-out set's image i is drawn from seed HELDOUT_SEED + i at every evaluation (the same images each
 # time); a training step's image b from step_seed * STEP_STRIDE + b, distinct within a step while the per-rank
-# batch is below STEP_STRIDE (checked in check_inputs; common.step_seed says which steps' seeds repeat).
+# batch is below STEP_STRIDE (checked in main; common.step_seed says which steps' seeds repeat).
 HELDOUT_SEED, STEP_STRIDE = 90_000, 131
 TOY_DEFAULTS = dict(out_dir="runs/toy_rl", reward="toy", num_iter=4, global_batch_size=32, lr=2e-6,
                     reg_weight=1.0, max_steps=150, eval_every=25, log_every=5, save_every=25)
@@ -403,9 +403,8 @@ def main(argv=None):
     if step == 0 and args.eval_every and common.is_main():
         log.write(evaluate_now())  # the start: held-out reward (and toy FID) before any update
     while step < total:
-        g = torch.Generator().manual_seed(common.step_seed(args.seed, rank, step))
-        labels = torch.randint(0, n_classes, (bsz,), generator=g).to(device)
         step_seed = common.step_seed(args.seed, rank, step)
+        labels = torch.randint(0, n_classes, (bsz,), generator=torch.Generator().manual_seed(step_seed)).to(device)
         gens = [torch.Generator(device).manual_seed(common.image_seed(step_seed, b, STEP_STRIDE)) for b in range(bsz)]
         stats = rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, args)
         step += 1

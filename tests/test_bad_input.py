@@ -98,6 +98,15 @@ def test_numbers_out_of_range_are_refused_by_flag(main, argv, flag, capsys, tmp_
     assert flag in err and not os.path.exists("o")
 
 
+def test_rl_refuses_a_per_process_batch_whose_images_would_share_seeds(toy_student_ckpt, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    batch = str(rl_refine.STEP_STRIDE)  # one process: every image of a step needs its own seed below the stride
+    err = refused(rl_refine.main, ["--preset", "toy", "--student", toy_student_ckpt, "--out-dir", out,
+                                   "--global-batch-size", batch], capsys)
+    assert "--global-batch-size" in err and "at most 130" in err
+    assert not os.path.exists(out)
+
+
 def test_a_student_is_not_a_teacher_and_the_other_way_round(toy_ckpt, toy_student_ckpt, tmp_path, capsys):
     out = str(tmp_path / "o")
     err = refused(distill_gsim.main, TOY + ["--teacher", toy_student_ckpt, "--out-dir", out], capsys)

@@ -15,6 +15,8 @@ them (nanochat keeps `gpt.py` apart from `common.py` the same way):
   - `save_checkpoint`: atomic writes (temporary file, then rename). Reading lives in mar.py (`read_checkpoint`).
   - `ema_decay` / `update_ema`: the EMA of the weights that every tool loads.
   - `step_seed`: one seed per (run, rank, step), which makes resume exact without saving RNG state.
+  - `StepControl`: every rank stops (SIGTERM) and saves (a time cadence) at the same step.
+  - `my_share` / `gather_indexed`: evaluation split over ranks and merged, so no rank works while others wait.
   - `machine`: what a timing ran on (CPU model, threads, matmul throughput), recorded beside every reported time.
   - `plot_panels`, `save_class_grid`, `save_titled_grids`: the reports' figures, drawn with PIL.
 
@@ -22,14 +24,17 @@ Every function depends only on torch and its arguments; copy any one of them on 
 """
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
 import pickle
+import signal
 import sys
 import time
 import zipfile
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -37,8 +42,16 @@ from tqdm import tqdm
 
 # ==== Processes: set-up, teardown, gradient averaging, agreement ===================================================
 
-def setup_distributed(device=None):
-    """torchrun -> init the process group (nccl on GPU, gloo on CPU); otherwise one process.
+# How long a collective may wait for the slowest rank before the process group gives up (torch's NCCL default is 10
+# minutes). No rank works alone inside a run while the others wait, except the main process writing a checkpoint
+# between two steps (MAR-H's policy, EMA and optimizer state: ~15 GB), which a slow or shared file system can stretch
+# past 10 minutes. `--dist-timeout` sets it.
+DIST_TIMEOUT_MINUTES = 30
+
+
+def setup_distributed(device=None, timeout_minutes=DIST_TIMEOUT_MINUTES):
+    """torchrun -> init the process group (nccl on GPU, gloo on CPU) with a collective timeout of `timeout_minutes`;
+    otherwise one process.
 
     Returns (rank, world_size, device). Every collective in the scripts sits behind `dist.is_initialized()`.
     """
@@ -54,7 +67,8 @@ def setup_distributed(device=None):
         # Before init: torch.optim imports torch._dynamo -> torch.distributed._shard, which, imported after init,
         # keeps the group alive past destroy (torch 2.14); gloo threads then outlived it and sometimes aborted at exit.
         import torch._dynamo as _dynamo  # noqa: F401  (`as`: a bare import would shadow the name torch here)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
         return rank, world, device
     return 0, 1, device
 
@@ -105,6 +119,26 @@ def assert_ranks_agree(model):
     print0(f"ranks agree: all {dist.get_world_size()} processes hold identical weights ({len(params)} tensors)")
 
 
+def gather_indexed(pieces):
+    """Merge work split over ranks: `pieces` {global index: tensor} made on this rank -> the concatenation, in index
+    order, of every rank's pieces, on every rank (CPU tensors). One all_gather_object (pickled: for evaluation-sized
+    data, toy images and per-image scores, not for 50,000 ImageNet images). A single process concatenates its own."""
+    local = {i: t.detach().cpu() for i, t in pieces.items()}
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, local)
+        local = {i: t for part in everyone for i, t in part.items()}
+    return torch.cat([local[i] for i in sorted(local)])
+
+
+def my_share(n):
+    """The global indices 0..n-1 this rank works on: i with i mod world == rank (sample.py's layout). Work split
+    this way ends with `gather_indexed`, so that no rank waits in a collective while another works alone."""
+    if not dist.is_initialized():
+        return list(range(n))
+    return list(range(dist.get_rank(), n, dist.get_world_size()))
+
+
 # ==== Command-line checks: a user's mistake is one line on stderr and exit status 2 ================================
 
 class UsageError(Exception):
@@ -146,6 +180,15 @@ def number(kind=int, low=None, high=None, low_open=False):
 COUNT, COUNT0 = number(int, 1), number(int, 0)                         # >= 1 (sizes, steps), >= 0 (0: off)
 POSITIVE, NONNEG = number(float, 0, low_open=True), number(float, 0)   # > 0 (rates), >= 0 (weights, scales)
 FRACTION = number(float, 0, 1)                                          # [0, 1] (probabilities, EMA rates)
+
+
+def add_run_flags(group, checkpoints=True):
+    """The flags of a long multi-GPU run: the collective timeout and, for a training stage, the save cadence."""
+    group.add_argument("--dist-timeout", type=number(float, 0, low_open=True), default=DIST_TIMEOUT_MINUTES,
+                       help="minutes a collective may wait for the slowest rank before the run stops (NCCL: 10)")
+    if checkpoints:
+        group.add_argument("--save-minutes", type=number(float, 0), default=30.0,
+                           help="save checkpoint-last.pth every this many minutes (0: off); a SIGTERM saves and exits")
 
 
 def input_path(flag, path, what, folder=False):
@@ -191,7 +234,8 @@ def claim_out_dir(out_dir, resume=False, overwrite=False, inputs=(), writes=("ch
 # ==== Output on rank 0: print, the start of a run, the run log ===================================================
 
 def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0 of the run: also after the process group is gone (torchrun's RANK), where the main process writes."""
+    return dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", 0)) == 0
 
 
 def print0(*args, **kw):
@@ -205,7 +249,7 @@ def start_run(args, inputs=()):
     `inputs` are the (flag, path) pairs the run reads), then the process group and the per-rank batch (which must
     divide). Returns (rank, world, device, per-rank batch). The folder itself is made when the run log opens."""
     claim_out_dir(args.out_dir, args.resume, args.overwrite, inputs, ("checkpoint-last.pth", "checkpoint-best.pth"))
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = setup_distributed(args.device, args.dist_timeout)
     if args.global_batch_size % world:
         raise UsageError(f"--global-batch-size {args.global_batch_size} does not divide among {world} processes; "
                          "give a multiple of the process count")
@@ -215,29 +259,56 @@ def start_run(args, inputs=()):
 
 
 class RunLog:
-    """Rank 0's tqdm bar and log.jsonl: `add(stats)` every step, `flush(step, **extra)` at each log interval
-    (one averaged record, printed as one line and appended to OUT_DIR/log.jsonl). Silent on other ranks."""
+    """The run's log: `add(stats)` every step, `flush(step, **extra)` at each log interval (one record averaged over
+    the interval's steps AND over ranks, printed as one line by rank 0 and appended to OUT_DIR/log.jsonl).
+
+    A step's numbers stay 0-d device tensors: `add` sums them on the device, and `flush` reads the sums once (one
+    all-reduce, one host copy per interval). Reading them every step (`float(loss)`) would make the host wait for the
+    GPU's queue to drain at every step. Every rank must call `flush` at the same steps (it holds a collective).
+    """
 
     def __init__(self, out_dir, total, initial, desc, batch=None):
-        self.on, self.batch, self.window, self.t0 = is_main(), batch, [], time.time()
+        self.on, self.batch, self.sums, self.n, self.t0 = is_main(), batch, {}, 0, time.time()
         if self.on:
             os.makedirs(out_dir, exist_ok=True)
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
             self.file = open(os.path.join(out_dir, "log.jsonl"), "a")
 
     def add(self, stats):
-        """stats: {name: number or 0-d tensor}; tensors are read here (the one host copy of a step's numbers)."""
-        self.window.append({k: float(v) for k, v in stats.items()})
+        """stats: {name: 0-d tensor or number}, summed where they live (no host copy)."""
+        for k, v in stats.items():
+            v = v.detach().float() if torch.is_tensor(v) else float(v)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += 1
         if self.on:
             self.bar.update(1)
 
+    def read(self):
+        """The interval's means {name: float}, averaged over ranks: the one host copy of the interval."""
+        if not self.n:
+            return {}
+        names = list(self.sums)
+        device = next((v.device for v in self.sums.values() if torch.is_tensor(v)), torch.device("cpu"))
+        flat = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32, device=device) for k in names])  # (S,)
+        if dist.is_initialized():
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+        return dict(zip(names, (flat / self.n).tolist()))
+
     def flush(self, step, **extra):
-        rec = {k: sum(s[k] for s in self.window) / len(self.window) for k in self.window[0]} if self.window else {}
-        rec.update(step=step, sec_per_step=(time.time() - self.t0) / max(1, len(self.window)), **extra)
+        """Write the interval's record; returns it. A non-finite mean (a diverged loss) raises FloatingPointError on
+        every rank alike, before the caller saves: the last checkpoint on disk is a finite one."""
+        rec = self.read()
+        seconds = (time.time() - self.t0) / max(1, self.n)
+        rec.update(step=step, sec_per_step=seconds, **extra)
         if self.batch:
-            rec["img_per_sec"] = self.batch / rec["sec_per_step"]
+            rec["img_per_sec"] = self.batch / seconds
         self.write(rec)
-        self.window, self.t0 = [], time.time()
+        bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"non-finite {', '.join(bad)} in the steps up to {step}; the last checkpoint "
+                                     "is kept (lower the learning rate)")
+        self.sums, self.n, self.t0 = {}, 0, time.time()
         return rec
 
     def write(self, rec):
@@ -250,6 +321,53 @@ class RunLog:
         if self.on:
             self.bar.close()
             self.file.close()
+
+
+class StepControl:
+    """What every rank decides together after each step: stop now (a SIGTERM came) and save now (a time cadence).
+
+    SIGTERM is how SLURM and cloud schedulers announce a preemption (SLURM: `#SBATCH --signal=TERM@120` sends it 120 s
+    before the end; torchrun passes it on to its workers). The handler only sets a flag; the loop finishes its
+    current step, saves, and leaves, so the next run with --resume continues exactly. Saving by time rather than
+    by steps bounds the work a crash loses (`save_minutes`) whatever a step costs. The main process keeps the clock.
+
+    The ranks agree through one tiny all-reduce a step on a CPU (gloo) group: a rank that missed the signal, or a
+    clock read a moment later, would otherwise make one rank save or stop while the others wait in the next step's
+    collective. On a CPU tensor the all-reduce does not wait for the GPU.
+    """
+
+    def __init__(self, save_minutes=None):
+        self.save_seconds = 60.0 * save_minutes if save_minutes else None  # 0 or None: no time cadence
+        self.signalled, self.stopped, self.last_save = False, False, time.time()
+        self.group = None
+        if dist.is_initialized():
+            self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signalled = True
+
+    def poll(self, step, last, save_every=0):
+        """After step `step` of `last`: (save, stop), the same on every rank. Save at the last step, every
+        `save_every` steps (0: never by count), when `save_minutes` have passed since the last save, and before
+        stopping for a SIGTERM."""
+        due = self.save_seconds is not None and is_main() and time.time() - self.last_save >= self.save_seconds
+        flags = torch.tensor([float(self.signalled), float(due)])  # (2,) on the CPU
+        if self.group is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        stop = bool(flags[0]) and step < last
+        self.stopped = self.stopped or stop
+        return stop or bool(flags[1]) or step >= last or bool(save_every and step % save_every == 0), stop
+
+    def saved(self):
+        self.last_save = time.time()
+
+    def report(self, step):
+        """The closing line of a stopped run (rank 0)."""
+        print0(f"stopped by SIGTERM after step {step}: checkpoint-last.pth holds it; run again with --resume")
+
+    def close(self):
+        signal.signal(signal.SIGTERM, self.previous)
 
 
 # ==== State: atomic checkpoints, EMA, per-step seeds ==============================================================
@@ -279,24 +397,68 @@ def ema_decay(rate, step, warmup=True):
 
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
-    """ema = decay * ema + (1 - decay) * param, parameter by parameter (MAR keeps no buffers)."""
-    for e, p in zip(ema_model.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
+    """ema = decay * ema + (1 - decay) * param for every parameter at once (one foreach kernel per dtype and device
+    on a GPU rather than one launch per tensor; MAR keeps no buffers)."""
+    torch._foreach_lerp_(list(ema_model.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
 
 
-def step_seed(seed, rank, step):
-    """One seed per (run seed, rank, step). The scripts re-seed their generators every step from it, so a run
-    resumed at step n draws exactly what the uninterrupted run drew, with no RNG state to save."""
-    # Prime strides keep runs of different --seed apart (1,000,003 steps) and ranks apart (7,919 steps). Rank r at
-    # step s + 7,919 draws rank r+1's seed of step s: the same draws for other data at another step, harmless.
-    return (seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63)
+# Seeds. torch's CPU generator (mt19937) keeps only the low 32 bits of its seed (manual_seed(1) and
+# manual_seed(1 + 2**32) draw the same numbers), CUDA's Philox all 64: a seed is distinct only if its low 32 bits are.
+SEED_BITS, STREAMS = 32, 4
+MAX_SEED = 2 ** SEED_BITS - 1
+SEED = number(int, 0, MAX_SEED)  # --seed's argparse type
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser (Appleby 2008): a bijection of [0, 2^32) that scrambles every bit."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def max_steps_for_seeds(world):
+    """The longest run whose step seeds `step_seed` keeps distinct on `world` ranks: 2^32 / (STREAMS x world) steps,
+    134 million on 8 ranks."""
+    return 2 ** SEED_BITS // (STREAMS * world)
+
+
+def step_seed(seed, rank, step, world=1, stream=0):
+    """One seed per (run seed, rank, step, stream), distinct over every (rank, step, stream) of a run.
+
+    The scripts re-seed their generators every step from it, so a run resumed at step n draws exactly what the
+    uninterrupted run drew, with no RNG state to save. Streams keep a step's independent draws apart (0: the step's
+    generator, 1: a second one (dropout's global seed in teacher training, the labels in RL), 2: host-side draws such
+    as the mask ratio). The slot
+    x = (step * world + rank) * STREAMS + stream is unique while step < max_steps_for_seeds(world); the low 32 bits
+    are a bijection of x keyed by the run's seed (distinct within a run, unrelated across runs), the high 31 bits a
+    hash of the seed (for CUDA's 64-bit Philox). A stride by the world size, not a fixed prime: with
+    seed * 1,000,003 + rank * 7,919 + step, rank r at step s + 7,919 would redraw rank r + 1's batch of step s.
+    """
+    x = (step * world + rank) * STREAMS + stream  # rank and step may be numpy uint64 arrays (a test enumerates)
+    if not (0 <= np.min(rank) and np.max(rank) < world and 0 <= stream < STREAMS and 0 <= np.min(x)
+            and np.max(x) < 2 ** SEED_BITS and 0 <= seed <= MAX_SEED):
+        raise ValueError(f"step_seed: step {step}, rank {rank} of {world}, stream {stream}, seed {seed} out of range "
+                         f"(steps < {max_steps_for_seeds(world)}, seed in [0, {MAX_SEED}])")
+    key = _fmix32(seed ^ 0x9E3779B9)
+    low = _fmix32((_fmix32(x) + key) & 0xFFFFFFFF)  # a bijection of x for a fixed seed
+    return (_fmix32(key + 1) & 0x7FFFFFFF) << 32 | low
+
+
+def check_run_length(steps, world):
+    """UsageError when a run of `steps` steps on `world` ranks is longer than its step seeds stay distinct."""
+    if steps >= max_steps_for_seeds(world):
+        raise UsageError(f"a run of {steps} steps on {world} processes is longer than its random seeds stay distinct "
+                         f"({max_steps_for_seeds(world)} steps): lower --max-steps or --epochs")
 
 
 def image_seed(base, index, stride=1_000_003):
-    """The seed of image `index` drawn under `base` (a run's seed, or a training step's): base * stride + index,
-    distinct for every (base, index) while index < stride. sample.py seeds each image from (--seed, its global index)
-    so that its pixels do not depend on its batch or on the number of GPUs."""
-    return base * stride + index
+    """The seed of image `index` drawn under `base` (a run's seed, or a training step's): base * stride + index modulo
+    2^64 (torch's seed range), distinct for every index < stride under one base, in the low 32 bits too (stride odd).
+    sample.py seeds each image from (--seed, its global index) so that its pixels do not depend on its batch or on the
+    number of GPUs."""
+    return (base * stride + index) % 2 ** 64
 
 
 def machine(device="cpu"):

@@ -20,6 +20,7 @@ Commands:
 """
 import argparse
 import os
+import time
 
 import numpy as np
 import torch
@@ -62,6 +63,11 @@ def find_images(root):
     return classes, items
 
 
+def image_tensor(img):
+    """An RGB PIL image -> (3, S, S) float tensor in [-1, 1]."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """(image (3, S, S) in [-1, 1], class index). `flip`: random horizontal flip (training). `skip_bad`: an image
     that cannot be read (truncated, not an image) is reported by path and replaced by the next readable one, instead
@@ -95,8 +101,7 @@ class ImageFolder(torch.utils.data.Dataset):
         else:
             raise ValueError(f"none of the {len(self.items)} images can be read")
         label = self.items[(i + j) % len(self.items)][1]
-        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, S, S) in [-1, 1]
-        return x, label
+        return image_tensor(img), label
 
     # The loader passes (index, flip) pairs drawn from the epoch's seeded generator (`epoch_batches`), so a flip
     # depends on (seed, epoch, index) and not on a DataLoader worker's unseeded RNG: --resume is exact.
@@ -355,31 +360,80 @@ def epoch_loader(dataset, step, global_batch, world, rank, seed, workers, device
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class _Readable(torch.utils.data.Dataset):
+    """Items `todo` of an ImageFolder for the cache: (image, "") or, for a file PIL cannot read, (zeros, the reason
+    naming the file), so that the main process decides (skip or stop) rather than a DataLoader worker's traceback."""
+
+    def __init__(self, ds, todo):
+        self.ds, self.todo = ds, todo
+
+    def __len__(self):
+        return len(self.todo)
+
+    def __getitem__(self, k):
+        try:
+            img = self.ds.read(self.todo[k])
+        except ValueError as e:
+            return torch.zeros(3, self.ds.image_size, self.ds.image_size), str(e)
+        return image_tensor(img), ""
+
+
+def cache_path(args, item):
+    """Where the moments of dataset item (path, label) go: the image's relative path under --out-dir, as .npz."""
+    rel = os.path.splitext(os.path.relpath(item[0], args.data_path))[0] + ".npz"
+    return os.path.join(args.out_dir, rel)
+
+
 @torch.no_grad()
 def cache_latents(args):
+    """Encode every image and its mirror with the VAE: one .npz of posterior moments per image (MAR's main_cache.py).
+
+    Under torchrun rank r takes images r, r + W, ... and no rank ever waits for another: there is no collective
+    (the process group is not even created), so a slow rank cannot trip a watchdog. JPEG decoding runs in --num-workers
+    DataLoader processes beside the GPU. Resumable: an image whose .npz exists is skipped (each file is written
+    atomically, so one that exists is complete), so a crashed or preempted run continues where it stopped.
+    Returns (images encoded here, images skipped here, seconds)."""
     import vae as vae_lib
-    rank, world, device = common.setup_distributed(args.device)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     ds = ImageFolder(args.data_path, args.img_size, flip=False)
-    ae = vae_lib.load_vae(args.vae).to(device)
-    indices = list(range(rank, len(ds), world))  # every rank takes every world-th image
-    for start in range(0, len(indices), args.batch_size):
-        chunk = indices[start: start + args.batch_size]
-        x = torch.stack([ds.load(i)[0] for i in chunk]).to(device)
-        moments = ae.encode(x).moments.cpu().numpy()            # (b, 32, 16, 16)
+    mine = range(rank, len(ds), world)
+    todo = [i for i in mine if not os.path.exists(cache_path(args, ds.items[i]))]
+    skipped = len(mine) - len(todo)
+    if skipped:
+        print(f"rank {rank}: {skipped} of its {len(mine)} images are cached already; encoding the other {len(todo)}",
+              flush=True)
+    ae = vae_lib.load_vae(args.vae).to(device).eval()
+    loader = torch.utils.data.DataLoader(_Readable(ds, todo), batch_size=args.batch_size,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    t0, done = time.time(), 0
+    for x, errors in loader:                                                         # x (b, 3, S, S) in [-1, 1]
+        chunk = todo[done: done + len(x)]
+        done += len(x)
+        for err in filter(None, errors):  # an unreadable image: the run's choice, before any of the batch is written
+            if args.bad_images == "stop":
+                raise common.UsageError(err.replace("pass --bad-images skip", "pass --bad-images skip (cached images "
+                                                    "are kept: run again to continue)"))
+            print(f"skipped: {err.split(';')[0]}", flush=True)
+        x = x.to(device, non_blocking=True)
+        moments = ae.encode(x).moments.cpu().numpy()                                  # (b, 2C, h, w)
         moments_flip = ae.encode(x.flip(-1)).moments.cpu().numpy()
         for j, i in enumerate(chunk):
-            path, label = ds.items[i]
-            rel = os.path.splitext(os.path.relpath(path, args.data_path))[0] + ".npz"
-            out = os.path.join(args.out_dir, rel)
+            if errors[j]:
+                continue
+            out = cache_path(args, ds.items[i])
             os.makedirs(os.path.dirname(out), exist_ok=True)
             tmp = out + ".tmp.npz"
-            np.savez(tmp, moments=moments[j], moments_flip=moments_flip[j], label=label)
+            np.savez(tmp, moments=moments[j], moments_flip=moments_flip[j], label=ds.items[i][1])
             os.replace(tmp, out)  # atomic: an interrupted run never leaves a half-written file
-        common.print0(f"cached {min(start + args.batch_size, len(indices)) * world}/{len(ds)}")
-    common.cleanup_distributed()
+        if rank == 0:
+            print(f"rank 0: {done}/{len(todo)} images, {done / (time.time() - t0):.1f} images/s", flush=True)
+    return done, skipped, time.time() - t0
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("cache", help="encode a class-folder dataset (and its mirror images) with the VAE")
@@ -388,10 +442,13 @@ def main():
     c.add_argument("--out-dir", required=True, help="where the .npz files go (same sub-folders as the images)")
     c.add_argument("--img-size", type=common.COUNT, default=256)
     c.add_argument("--batch-size", type=common.COUNT, default=64, help="per process")
+    c.add_argument("--num-workers", type=common.COUNT0, default=8, help="JPEG-decoding processes per GPU")
+    c.add_argument("--bad-images", choices=["skip", "stop"], default="stop",
+                   help="an unreadable image: skip it (reported by path) or stop, naming it")
     c.add_argument("--device", default=None, help="cuda if available, else cpu")
     g = sub.add_parser("toy-grid", help="save a grid of real toy digits, one row per class")
     g.add_argument("--out", default="toy_real.png")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.cmd == "cache":
         common.input_path("--data-path", args.data_path, "a class-folder image tree (ImageNet: its train folder)",
                           folder=True)
@@ -401,7 +458,9 @@ def main():
             vae_lib.load_vae(args.vae)
         with common.reading("--data-path", args.data_path):
             find_images(args.data_path)
-        cache_latents(args)
+        done, skipped, sec = cache_latents(args)
+        print(f"rank {os.environ.get('RANK', 0)}: encoded {done} images in {sec:.1f} s "
+              f"({done / max(sec, 1e-9):.1f} images/s), {skipped} found cached -> {args.out_dir}")
     else:
         x, y = toy_digits("train")
         rows = torch.cat([x[y == k][:10] for k in range(10)])

@@ -64,6 +64,7 @@ import argparse
 import copy
 import json
 import os
+import random
 from types import SimpleNamespace
 
 import torch
@@ -168,24 +169,28 @@ class GeneratorLoss:
         return loss, eps_p, eps_phi
 
 
-def gsim_step(nets, latents, labels, gen, args, precision="fp32"):
+def gsim_step(nets, latents, labels, gen, args, precision="fp32", rng=None):
     """One GSIM iteration (the loop of MARVAL's stage 1) on a batch of latents (B, C, H, W) and labels (B,):
 
       1. contexts: a random order and one mask ratio; the frozen transformer gives c and c_null per masked token,
       2. student tokens x0 = g_theta(z, c), z ~ N(0, I) read as x_400 (mar.one_step_x0),
       3. the generator loss (`GeneratorLoss`: x_t, guided teacher eps_p, aux eps_phi) and one optimizer step,
       4. `args.aux_steps` DSM updates of the aux network on the detached x0.
-    The EMA of the student is the caller's (after the step). nets: `build_gsim`'s bundle. Returns 0-d tensors."""
+    The EMA of the student is the caller's (after the step). nets: `build_gsim`'s bundle; gen: the step's generator
+    (orders, z, t, eps, on the device); rng: a `random.Random` for the mask ratio, drawn on the host so that no shape
+    waits for the GPU (None: a fixed one). Returns 0-d tensors."""
     teacher, head, aux = nets.teacher, nets.head, nets.aux
     device, C = latents.device, teacher.token_embed_dim
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     # 1. contexts: random order, one mask ratio for the batch, conditions from the frozen teacher transformer
     gt = teacher.patchify(latents)                                                    # (B, L, C)
     orders = teacher.sample_orders(len(gt), gen, device)
+    rng = rng or random.Random(0)
     ratio = args.mask_ratio  # None: MAR's truncated Gaussian, or with --uniform-mask-prob U(0, 1]
-    if ratio is None and mar.rand((), gen).item() < args.uniform_mask_prob:
-        ratio = 1.0 - mar.rand((), gen).item()
-    n_masked = teacher.num_masked(ratio, gen)                                         # host int, same in every row
+    if ratio is None:
+        uniform = rng.random() < args.uniform_mask_prob
+        ratio = 1.0 - rng.random() if uniform else mar.truncnorm_mask_ratio(teacher.mask_ratio_min, rng.random())
+    n_masked = teacher.num_masked(ratio)                                              # host int, same in every row
     mask = teacher.random_masking(orders, n_masked)                                   # (B, L), 1 = to generate
     _, masked = mar.split_positions(mask, n_masked)                                   # (B, n_masked) positions
 
@@ -303,8 +308,9 @@ def get_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint-last.pth if present")
     g.add_argument("--overwrite", action="store_true", help="start over in an --out-dir that holds a checkpoint")
     g.add_argument("--max-steps", type=common.COUNT, default=None, help="stop after this many generator steps in all")
-    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--seed", type=common.SEED, default=1)
     g.add_argument("--device", default=None)
+    common.add_run_flags(g)
     g = p.add_argument_group("data (as train_mar.py)")
     g.add_argument("--data-path", default=None)
     g.add_argument("--bad-images", choices=["skip", "check"], default="skip",
@@ -345,7 +351,8 @@ def get_args(argv=None):
     g.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     g = p.add_argument_group("logging and evaluation (toy)")
     g.add_argument("--log-every", type=common.COUNT, default=100)
-    g.add_argument("--save-every", type=common.COUNT, default=2000)
+    g.add_argument("--save-every", type=common.COUNT0, default=0,
+                   help="also save every N generator steps (0: by --save-minutes only)")
     g.add_argument("--eval-every", type=common.COUNT0, default=0,
                    help="toy: score the student every N steps (0: at the end)")
     g.add_argument("--eval-images", type=common.COUNT0, default=400)
@@ -443,48 +450,63 @@ def main(argv=None):
         m.diffloss.net.load_state_dict(ema.state_dict())
         return m
 
+    # the toy's evaluator on every rank: each samples its share of the evaluation images, all score the gathered set
     evaluator = None
-    if args.preset == "toy" and common.is_main() and args.eval_images > 0:
+    if args.preset == "toy" and args.eval_images > 0:
         evaluator = evaluate.ToyEvaluator(args.classifier)
 
     # -- loop ------------------------------------------------------------------------------------------------------
     last = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
+    common.check_run_length(last, world)
     log = common.RunLog(args.out_dir, last, step, "distill_gsim")
+    control = common.StepControl(args.save_minutes)
     aux.train()
     workers = 0 if args.preset == "toy" else args.num_workers
-    while step < last:
+    while step < last and not control.stopped:
         loader = data.epoch_loader(dataset, step, args.global_batch_size, world, rank, args.seed, workers,
                                    device)
         for xb, yb in loader:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            gen = torch.Generator(device).manual_seed(common.step_seed(args.seed, rank, step))
+            gen = torch.Generator(device).manual_seed(common.step_seed(args.seed, rank, step, world))
+            rng = random.Random(common.step_seed(args.seed, rank, step, world, stream=2))  # the mask ratio
             with torch.no_grad():
                 latents = to_latents(xb, gen)
-            stats = gsim_step(nets, latents, yb, gen, args, precision)
+            stats = gsim_step(nets, latents, yb, gen, args, precision, rng)
             step += 1
             common.update_ema(ema, student or student_head, args.ema_rate)
             log.add(stats)
-            if step % args.log_every == 0 or step == last:
+            save_now, stop = control.poll(step, last, args.save_every)
+            if step % args.log_every == 0 or save_now:
                 extra = {}
                 if evaluator is not None and ((args.eval_every and step % args.eval_every == 0) or step == last):
                     extra = student_metrics(ema_as_mar(), toy_tok, evaluator, args)
-                log.flush(step, total=last, **extra)
-            if step % args.save_every == 0 or step == last:
+                log.flush(step, total=last, **extra)  # raises on a non-finite loss, before the save
+            if save_now:
                 save()
-            if step >= last:
+                control.saved()
+            if stop or step >= last:
                 break
     log.close()
+    control.close()
+    if control.stopped:
+        control.report(step)
+        common.cleanup_distributed()
+        return
     common.assert_ranks_agree(student or student_head)
 
-    # -- toy: teacher (100 head steps, guided like the distillation target) vs one-step student --------------------
+    # -- toy: teacher (100 head steps, guided like the distillation target) vs one-step student, sampled by every
+    # rank; the main process writes after the last collective
     if evaluator is not None:
         report = compare_on_toy(teacher, ema_as_mar(), toy_tok, evaluator, args)
+    common.cleanup_distributed()
+    if evaluator is not None and common.is_main():
+        for who, (imgs, labels) in report.pop("images").items():
+            common.save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{who}.png"))
         with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
             json.dump(report, f, indent=2)
         for who in ("teacher", "student"):
-            common.print0(f"{who:8s} " + ", ".join(f"{k} {v:.4g}" for k, v in report[who].items()))
-        common.print0(f"speedup {report['speedup']:.1f}x; real-split FID floor {report['real_split_fid']:.3f}")
-    common.cleanup_distributed()
+            print(f"{who:8s} " + ", ".join(f"{k} {v:.4g}" for k, v in report[who].items()))
+        print(f"speedup {report['speedup']:.1f}x; real-split FID floor {report['real_split_fid']:.3f}")
 
 
 def student_metrics(student, tokenizer, evaluator, args):
@@ -496,14 +518,15 @@ def student_metrics(student, tokenizer, evaluator, args):
 
 def compare_on_toy(teacher, student, tokenizer, evaluator, args):
     """Same labels, K and image count; the teacher at its distillation CFG with 100 head steps, the student one
-    step at cfg 1; both decoded by the toy VAE."""
+    step at cfg 1; both decoded by the toy VAE. Every rank calls it (`evaluate.sample_toy`); the report's "images"
+    entry holds each model's (images, labels) for the grids."""
     out = {}
     for who, model, kw in (("teacher", teacher, dict(cfg=args.teacher_cfg)),
                            ("student", student, dict(one_step=True))):
         evaluate.sample_toy(model, tokenizer, 20, args.eval_num_iter, **kw)  # warm-up: first-call costs untimed
         imgs, labels, sec = evaluate.sample_toy(model, tokenizer, args.eval_images, args.eval_num_iter, seed=FINAL_SEED,
                                                 **kw)
-        common.save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{who}.png"))
+        out.setdefault("images", {})[who] = (imgs, labels)
         out[who] = dict(evaluator(imgs, labels), sec_per_image=sec)
     out["speedup"] = out["teacher"]["sec_per_image"] / out["student"]["sec_per_image"]
     out["real_split_fid"] = evaluator.real_split_fid()

@@ -450,22 +450,27 @@ def sample_toy(model, tokenizer, n, num_iter=4, cfg=1.0, one_step=False, seed=0)
     """n toy digits, labels 0, 1, ..., 9, 0, ... in batches of TOY_BATCH, batch i from generator seed + i, by the
     teacher's reverse diffusion (x0 clipped to the latents' range, tokenizer.x0_bound) or the one-step head, decoded
     by `tokenizer` (the toy VAE). Returns (images (n, 1, 16, 16), labels (n,), seconds per image, decoding included
-    as on ImageNet)."""
+    as on ImageNet).
+
+    Under torchrun every rank must call it: rank r samples the batches i with i mod world == r and every rank gets
+    all n images back (`common.gather_indexed`), the same images as one process makes."""
     was_training, device = model.training, model.fake_latent.device
     labels = torch.arange(n, device=device) % 10
+    batches = labels.split(TOY_BATCH)
     head = mar.HeadSampler(one_step=one_step, clip=tokenizer.x0_bound)
     sample = lambda i, lb: model.sample_tokens(len(lb), num_iter=num_iter, cfg=cfg, labels=lb, head=head,
                                                generator=torch.Generator(device).manual_seed(seed + i))
     try:
         model.eval()
-        t0 = time.time()
-        images = torch.cat([tokenizer.decode(sample(i, lb)) for i, lb in enumerate(labels.split(TOY_BATCH))])
+        t0, mine = time.time(), {}
+        for i in common.my_share(len(batches)):
+            mine[i] = tokenizer.decode(sample(i, batches[i]))
         if device.type == "cuda":
             torch.cuda.synchronize()  # the kernels' work, not their launches
-        sec = (time.time() - t0) / n
+        sec = (time.time() - t0) / max(1, sum(len(x) for x in mine.values()))
     finally:
         model.train(was_training)
-    return images, labels, sec
+    return common.gather_indexed(mine).to(device), labels, sec
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import math
 import os
 import pickle
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -291,14 +292,13 @@ class HeadSampler:
 
 # ==== Masking helpers ===========================================================================================
 
-def truncnorm_mask_ratio(mask_ratio_min, generator=None):
-    """One masking ratio from N(1, 0.25^2) truncated to [mask_ratio_min, 1] (MAR sec. 4.2; the official code's
-    scipy.stats.truncnorm(a=(min-1)/0.25, b=0, loc=1, scale=0.25)) by inverse CDF, from a torch generator:
-    r = 1 + 0.25 Phi^-1(Phi(a) + u (Phi(0) - Phi(a))), a = (min - 1) / 0.25, u ~ U[0, 1)."""
-    u = rand((), generator, dtype=torch.float64).item()  # on the generator's device (the randomness rule)
-    lo = 0.5 * (1 + math.erf((mask_ratio_min - 1) / 0.25 / math.sqrt(2)))  # Phi(a); Phi(b = 0) = 0.5
-    p = lo + u * (0.5 - lo)
-    return 1.0 + 0.25 * math.sqrt(2) * torch.erfinv(torch.tensor(2 * p - 1, dtype=torch.float64)).item()
+def truncnorm_mask_ratio(mask_ratio_min, u):
+    """The masking ratio of quantile u in [0, 1) of N(1, 0.25^2) truncated to [mask_ratio_min, 1] (MAR sec. 4.2; the
+    official code's scipy.stats.truncnorm(a=(min-1)/0.25, b=0, loc=1, scale=0.25)), by inverse CDF:
+    r = 1 + 0.25 Phi^-1(Phi(a) + u (Phi(0) - Phi(a))), a = (min - 1) / 0.25. A host computation: the training loops
+    draw u on the host (`random.Random`), so no step waits for a GPU to hand a random number back."""
+    lo = NormalDist().cdf((mask_ratio_min - 1) / 0.25)  # Phi(a); Phi(b = 0) = 0.5
+    return 1.0 + 0.25 * NormalDist().inv_cdf(lo + u * (0.5 - lo))
 
 
 def mask_schedule(seq_len, num_iter):
@@ -458,9 +458,12 @@ class MAR(nn.Module):
 
     def num_masked(self, mask_ratio=None, generator=None):
         """Tokens to mask in every row of a training batch: ceil(L * ratio), one ratio per batch, drawn from MAR's
-        truncated Gaussian unless given. A host integer: every shape that follows is known before the GPU runs."""
+        truncated Gaussian unless given. A host integer: every shape that follows is known before the GPU runs.
+        Without a ratio, u is drawn from `generator` on its device and read back (a host synchronisation on a GPU):
+        the training loops give the ratio, drawn on the host."""
         if mask_ratio is None:
-            mask_ratio = truncnorm_mask_ratio(self.mask_ratio_min, generator)
+            u = rand((), generator, dtype=torch.float64).item()
+            mask_ratio = truncnorm_mask_ratio(self.mask_ratio_min, u)
         return int(np.ceil(self.seq_len * mask_ratio))
 
     def random_masking(self, orders, n_masked):

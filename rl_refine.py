@@ -115,15 +115,17 @@ class RLSteps:
                                                          use_reentrant=False)
             return ar_step(tokens, mask, n_masked, pos, noise)
 
-    def penalty(self, tokens):
+    def penalty(self, tokens, per_image=False):
         """DRaFT+ penalty: over the AR steps, the mean of each step's mean squared difference between the tokens the
         policy wrote (held, with their graph, by the final `tokens` (B, L, C)) and the reference's; 0 without a
         reference. Each AR step weighs the same whatever its token count (MAR's schedule reveals few tokens early,
-        many late), so the value depends on K; steps outside `truncate_k` count in it without a gradient."""
+        many late), so the value depends on K; steps outside `truncate_k` count in it without a gradient.
+        per_image: the (B,) values whose mean is the batch's (every image reveals the same count at a step)."""
         if not self.records:
-            return torch.zeros((), device=tokens.device)
-        return torch.stack([(mar.gather_rows(tokens, pos) - ref).square().mean()  # (B, k, C) each step
-                            for pos, ref in self.records]).mean()
+            return torch.zeros(len(tokens) if per_image else (), device=tokens.device)
+        per_step = torch.stack([(mar.gather_rows(tokens, pos) - ref).float().square().mean((1, 2))  # (B,) each step
+                                for pos, ref in self.records])                                     # (steps, B)
+        return per_step.mean(0) if per_image else per_step.mean()
 
 
 def generate_with_reference(policy, reference, labels, gens, args):
@@ -182,19 +184,35 @@ def held_out(model, reference, tokenizer, reward_fn, evaluator, args, n_classes,
     """Fixed labels and seeds (image i from HELDOUT_SEED + i): mean reward, the DRaFT+ distance to the frozen start
     (`drift`: the penalty term on the held-out generations), and on the toy accuracy and toy FID of the same images;
     with a `watcher` (an evaluator the reward never uses) its accuracy and class similarity too, the check for reward
-    hacking. Returns (that dict, images (N, C, H, W) in [-1, 1], labels (N,))."""
-    device, chunk = model.fake_latent.device, 100  # images per generation call
+    hacking. Returns (that dict, images (N, C, H, W) in [-1, 1] or None off the toy, labels (N,)).
+
+    Every rank calls it and makes its share, under the training step's precision: the set is cut into chunks of
+    EVAL_CHUNK images (the unit of one generation call), chunk c made by rank c mod world; the chunks' numbers are
+    gathered, so every rank returns the same dict, and the same to the bit as one process (each chunk is the same
+    computation whatever the number of ranks)."""
+    device = model.fake_latent.device
     labels = heldout_labels(args.eval_images, n_classes).to(device)
-    imgs, drift = [], []
-    for i, lb in enumerate(labels.split(chunk)):
-        gens = [torch.Generator(device).manual_seed(HELDOUT_SEED + chunk * i + j) for j in range(len(lb))]
-        lat, d = generate_with_reference(model, reference, lb, gens, args)
-        imgs.append(tokenizer.decode(lat))
-        drift.append(d * len(lb))
-    imgs = torch.cat(imgs)
-    scores = torch.cat([reward_fn(x, lb) for x, lb in zip(imgs.split(chunk), labels.split(chunk))])
-    out = {"heldout_reward": scores.mean().item(), "drift": (sum(drift) / len(labels)).item()}
+    chunks = torch.arange(len(labels)).split(EVAL_CHUNK)
+    rewards_, drifts, images = {}, {}, {}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    for c in common.my_share(len(chunks)):
+        idx = chunks[c].tolist()
+        lb = labels[idx[0]: idx[-1] + 1]
+        gens = [torch.Generator(device).manual_seed(HELDOUT_SEED + i) for i in idx]
+        steps = RLSteps(args.num_iter, False, None, reference)
+        with autocast:
+            lat = model.sample_tokens(len(lb), num_iter=args.num_iter, labels=lb, head=mar.HeadSampler(one_step=True),
+                                      generator=gens, run_step=steps)
+            x = tokenizer.decode(lat)                                                   # (b, C, H, W)
+            rewards_[c] = reward_fn(x, lb).float()                                      # (b,)
+        drifts[c] = steps.penalty(model.patchify(lat), per_image=True)                  # (b,)
+        if evaluator is not None:
+            images[c] = x.float()
+    scores, drift = common.gather_indexed(rewards_), common.gather_indexed(drifts)      # (N,) each, index order
+    out = {"heldout_reward": scores.mean().item(), "drift": drift.mean().item()}
+    imgs = None
     if evaluator is not None:
+        imgs = common.gather_indexed(images)                                             # (N, C, H, W)
         m = evaluator(imgs, labels)
         out.update(heldout_accuracy=m["accuracy"], toy_fid=m["toy_fid"])
     if watcher is not None:
@@ -231,8 +249,9 @@ def plot_tradeoff(history, path):
 MAX_DRIFT = 0.025
 # Seeds: the held-out set's image i is drawn from seed HELDOUT_SEED + i at every evaluation (the same images each
 # time); a training step's image b from step_seed * STEP_STRIDE + b, distinct within a step while the per-rank
-# batch is below STEP_STRIDE (checked in main; common.step_seed says which steps' seeds repeat).
+# batch is below STEP_STRIDE (checked in main), and step seeds distinct over every (rank, step) of a run.
 HELDOUT_SEED, STEP_STRIDE = 90_000, 131
+EVAL_CHUNK = 25  # held-out images per generation call: 400 are 16 chunks, two for each of 8 ranks
 TOY_DEFAULTS = dict(out_dir="runs/toy_rl", reward="toy", num_iter=4, global_batch_size=32, lr=2e-6,
                     reg_weight=1.0, max_steps=150, eval_every=25, log_every=5, save_every=25)
 
@@ -250,8 +269,9 @@ def get_args(argv=None):
     g.add_argument("--overwrite", action="store_true", help="start over in an --out-dir that holds a checkpoint")
     g.add_argument("--max-steps", type=common.COUNT, default=None,
                    help="default: --epochs x --epoch-size / global batch")
-    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--seed", type=common.SEED, default=1)
     g.add_argument("--device", default=None)
+    common.add_run_flags(g)
     g = p.add_argument_group("reward")
     g.add_argument("--reward", choices=["pickscore", "clip", "toy"], default="pickscore")
     g.add_argument("--pickscore-model", default=None, help="local directory of yuvalkirstain/PickScore_v1")
@@ -281,7 +301,8 @@ def get_args(argv=None):
     g.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     g = p.add_argument_group("logging and selection")
     g.add_argument("--log-every", type=common.COUNT, default=10)
-    g.add_argument("--save-every", type=common.COUNT, default=100)
+    g.add_argument("--save-every", type=common.COUNT0, default=0,
+                   help="also save every N steps (0: by --save-minutes only)")
     g.add_argument("--eval-every", type=common.COUNT0, default=100, help="held-out reward (and toy FID) every N steps")
     g.add_argument("--eval-images", type=common.COUNT0, default=400, help="held-out set: fixed labels and seeds")
     g.add_argument("--fid-bound", type=common.number(float, 1), default=1.3,
@@ -384,7 +405,7 @@ def main(argv=None):
                                           "optimizer": opt.state_dict(), "step": step, "args": vars(args),
                                           "history": history, "best": best, **extra})
 
-    def evaluate_now():
+    def evaluate_now():  # every rank: its share of the held-out set, the same record everywhere (held_out)
         nonlocal best
         rec, imgs, labels = held_out(ema, reference, tokenizer, reward_fn, evaluator, args, n_classes, watcher)
         rec["step"] = step
@@ -399,33 +420,47 @@ def main(argv=None):
         return rec
 
     # -- loop ------------------------------------------------------------------------------------------------------
+    common.check_run_length(total, world)
     log = common.RunLog(args.out_dir, total, step, "rl_refine")
-    if step == 0 and args.eval_every and common.is_main():
+    control = common.StepControl(args.save_minutes)
+    if step == 0 and args.eval_every:
         log.write(evaluate_now())  # the start: held-out reward (and toy FID) before any update
     while step < total:
-        step_seed = common.step_seed(args.seed, rank, step)
-        labels = torch.randint(0, n_classes, (bsz,), generator=torch.Generator().manual_seed(step_seed)).to(device)
+        # the step's labels and one noise generator per image (common.step_seed, image_seed), all on the device: a
+        # blocking host-to-device copy of CPU-drawn labels would make the host wait for the GPU every step
+        step_seed = common.step_seed(args.seed, rank, step, world)
+        label_gen = torch.Generator(device).manual_seed(common.step_seed(args.seed, rank, step, world, stream=1))
+        labels = mar.randint(0, n_classes, (bsz,), label_gen, device)
         gens = [torch.Generator(device).manual_seed(common.image_seed(step_seed, b, STEP_STRIDE)) for b in range(bsz)]
         stats = rl_step(policy, reference, tokenizer, reward_fn, labels, gens, opt, args)
         step += 1
         common.update_ema(ema, policy, common.ema_decay(args.ema_rate, step, not args.no_ema_warmup))
         log.add(stats)
-        if step % args.log_every == 0 or step == total:
+        save_now, stop = control.poll(step, total, args.save_every)
+        if step % args.log_every == 0 or save_now:
             extra = {}
-            if args.eval_every and (step % args.eval_every == 0 or step == total) and common.is_main():
+            if args.eval_every and (step % args.eval_every == 0 or step == total):
                 extra = {k: v for k, v in evaluate_now().items() if k != "step"}
-            log.flush(step, total=total, **extra)
-        if step % args.save_every == 0 or step == total:
+            log.flush(step, total=total, **extra)  # raises on a non-finite loss, before the save
+        if save_now:
             save(ckpt_path)
+            control.saved()
+        if stop:
+            break
     log.close()
+    control.close()
+    if control.stopped:
+        control.report(step)
+        common.cleanup_distributed()
+        return
     common.assert_ranks_agree(policy)
+    common.cleanup_distributed()  # the last collective: the main process writes alone from here
     if common.is_main() and history:
         plot_tradeoff(history, os.path.join(args.out_dir, "reward_vs_fid.png"))
         report = {"start": history[0], "best": best, "last": history[-1], "fid_bound": args.fid_bound}
         with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
             json.dump(report, f, indent=2)
-        common.print0(f"start {history[0]}\nbest  {best}\nlast  {history[-1]}")
-    common.cleanup_distributed()
+        print(f"start {history[0]}\nbest  {best}\nlast  {history[-1]}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ indices [s*B*W + r*B, s*B*W + (r+1)*B)), so an image's pixels do not depend on t
 Writes to --out-dir: images/{index:05d}.png (uint8, rounded, never JPEG), samples.npz in the ADM evaluator's
 format (arr_0: uint8 (N, H, W, 3) in a fixed SHUFFLED order, because the Inception Score splits consecutive
 chunks; labels: (N,) in the same order), grid.png (the first images with their labels), and a JSON (--json,
-default OUT_DIR/sample.json) with images/s.
+default OUT_DIR/sample.json) with images/s. Each rank also keeps its images in memory and writes them as one shard,
+which the main process joins into samples.npz (and deletes) after the process group has ended.
 
     # MARVAL-H student (one head step per token, no CFG), 8 GPUs, FID-50K
     torchrun --nproc_per_node=8 sample.py --ckpt marval_huge.pth --vae kl16.ckpt --model mar_huge \
@@ -28,7 +29,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 import data
@@ -111,8 +111,9 @@ def get_args(argv=None):
     g.add_argument("--num-images", type=common.COUNT, default=50000)
     g.add_argument("--class-num", type=common.COUNT, default=None, help="default: the model's")
     g.add_argument("--batch-size", type=common.COUNT, default=64, help="per process")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=common.SEED, default=0)
     g.add_argument("--device", default=None)
+    common.add_run_flags(g, checkpoints=False)
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="autocast of the sampler (MAR evaluates in fp16); default: see PRECISION_DEFAULT")
     g.add_argument("--out-dir", required=True)
@@ -130,7 +131,7 @@ def main(argv=None):
         common.input_path("--vae", args.vae, "the local kl16.ckpt")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise common.UsageError(f"--out-dir {args.out_dir} is a file; give a folder for the images")
-    rank, world, device = common.setup_distributed(args.device)
+    rank, world, device = common.setup_distributed(args.device, args.dist_timeout)
     precision = args.precision or PRECISION_DEFAULT[device.type]
 
     # -- model and tokenizer, read before anything is written ------------------------------------------------------
@@ -165,33 +166,43 @@ def main(argv=None):
     # -- sample this rank's batches --------------------------------------------------------------------------------
     B, W = args.batch_size, world
     steps = (args.num_images + B * W - 1) // (B * W)
-    t0, done = time.time(), 0
+    t0 = time.time()
     it = range(steps)
     if common.is_main():
         from tqdm import tqdm
         it = tqdm(it, desc="sample", dynamic_ncols=True)
+    mine, arrays = [], []  # this rank's global indices and their uint8 images (its shard)
     for s in it:
         idx = [i for i in range(s * B * W + rank * B, s * B * W + (rank + 1) * B) if i < args.num_images]
         if not idx:
             continue
         gens = [torch.Generator(device).manual_seed(common.image_seed(args.seed, i)) for i in idx]  # one per image
-        images = generate(model, tokenizer, labels[idx].to(device), gens, args, precision)
-        for i, img in zip(idx, to_uint8(images).numpy()):
+        arr = to_uint8(generate(model, tokenizer, labels[idx].to(device), gens, args, precision)).numpy()
+        for i, img in zip(idx, arr):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(os.path.join(img_dir, f"{i:05d}.png"))
-        done += len(idx)
+        mine += idx
+        arrays.append(arr)
     elapsed = time.time() - t0
-    if dist.is_initialized():
-        dist.barrier()  # every PNG is on disk before rank 0 packs them
+    # Each rank writes its shard (atomically), then the process group ends: the main process joins the shards with no
+    # rank waiting in a collective behind it (re-reading 50,000 PNGs takes minutes, past NCCL's watchdog).
+    shard = os.path.join(args.out_dir, f"shard-{rank:05d}-of-{world:05d}.npz")
+    tmp = shard + ".tmp.npz"
+    np.savez(tmp, index=np.array(mine, dtype=np.int64),
+             images=np.concatenate(arrays) if arrays else np.zeros((0,), np.uint8))
+    os.replace(tmp, shard)
+    common.cleanup_distributed()  # its barrier: every shard is on disk
 
-    # -- rank 0: ADM-format .npz (shuffled), labelled grid, JSON -------------------------------------------------
+    # -- the main process alone: ADM-format .npz (shuffled), labelled grid, JSON ---------------------------------
     if common.is_main():
-        arr = np.stack([np.array(Image.open(os.path.join(img_dir, f"{i:05d}.png"))) for i in range(args.num_images)])
-        arr = arr[..., None] if arr.ndim == 3 else arr  # (N, H, W, C)
+        arr = join_shards(args.out_dir, world, args.num_images)                       # (N, H, W, C) by index
         perm = np.random.RandomState(args.seed).permutation(args.num_images)
         tmp = os.path.join(args.out_dir, "samples.tmp.npz")
         np.savez(tmp, arr_0=arr[perm], labels=labels.numpy()[perm], index=perm)
         os.replace(tmp, os.path.join(args.out_dir, "samples.npz"))
+        for r in range(world):
+            os.remove(os.path.join(args.out_dir, f"shard-{r:05d}-of-{world:05d}.npz"))
         labelled_grid(arr, labels.numpy(), os.path.join(args.out_dir, "grid.png"))
+        done = len(mine)
         result = {"num_images": args.num_images, "world_size": world, "seconds": elapsed,
                   "images_per_sec": done * world / elapsed, "sec_per_image_per_process": elapsed / done,
                   "one_step": args.one_step, "num_iter": args.num_iter, "cfg": args.cfg,
@@ -202,7 +213,20 @@ def main(argv=None):
             json.dump(result, f, indent=2)
         print(f"{args.num_images} images in {elapsed:.1f} s: {result['images_per_sec']:.2f} images/s "
               f"-> {os.path.join(args.out_dir, 'samples.npz')}")
-    common.cleanup_distributed()
+
+
+def join_shards(out_dir, world, n):
+    """The `world` shards' images in global index order (n, H, W, C); every index 0..n-1 exactly once."""
+    parts = []
+    for r in range(world):
+        with np.load(os.path.join(out_dir, f"shard-{r:05d}-of-{world:05d}.npz")) as d:
+            if len(d["index"]):
+                parts.append((d["index"], d["images"]))
+    index = np.concatenate([i for i, _ in parts])
+    if sorted(index.tolist()) != list(range(n)):
+        raise RuntimeError(f"the shards in {out_dir} do not hold images 0..{n - 1} exactly once")
+    arr = np.concatenate([a for _, a in parts])[np.argsort(index)]
+    return arr[..., None] if arr.ndim == 3 else arr  # (N, H, W, C)
 
 
 if __name__ == "__main__":

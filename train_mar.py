@@ -30,6 +30,7 @@ import copy
 import json
 import math
 import os
+import random
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -119,8 +120,9 @@ def get_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint-last.pth if present")
     g.add_argument("--overwrite", action="store_true", help="start over in an --out-dir that holds a checkpoint")
     g.add_argument("--max-steps", type=common.COUNT, default=None, help="stop after this many optimizer steps in all")
-    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--seed", type=common.SEED, default=1)
     g.add_argument("--device", default=None, help="cuda if available, else cpu")
+    common.add_run_flags(g)
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="class-folder images (ImageNet train), encoded on the fly")
     g.add_argument("--bad-images", choices=["skip", "check"], default="skip",
@@ -151,7 +153,8 @@ def get_args(argv=None):
     g.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-every", type=common.COUNT, default=100)
-    g.add_argument("--save-every", type=common.COUNT, default=5000, help="optimizer steps between checkpoints")
+    g.add_argument("--save-every", type=common.COUNT0, default=0,
+                   help="also save every N optimizer steps (0: by --save-minutes only)")
     g.add_argument("--eval-images", type=common.COUNT0, default=400,
                    help="toy: teacher samples scored at the end (0: none)")
     g.add_argument("--eval-num-iter", type=common.COUNT, default=16,
@@ -245,45 +248,60 @@ def main(argv=None):
     # Loop
     # ------------------------------------------------------------------------------------------------------------
     last = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
+    common.check_run_length(last, world)
     log = common.RunLog(args.out_dir, last, step, "train_mar", batch=args.global_batch_size)
+    control = common.StepControl(args.save_minutes)
     model.train()
     workers = 0 if args.preset == "toy" else args.num_workers
-    while step < last:
+    while step < last and not control.stopped:
         loader = data.epoch_loader(dataset, step, args.global_batch_size, world, rank, args.seed, workers,
                                    device)
         for xb, yb in loader:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            gen = torch.Generator(device).manual_seed(common.step_seed(args.seed, rank, step))
-            torch.manual_seed(common.step_seed(args.seed, rank, step) + 1)  # dropout
+            # this step's randomness (common.step_seed): orders, label drop, t and noise on the device; dropout from
+            # torch's global seed; the mask ratio on the host (its shape decisions need no GPU round trip)
+            gen = torch.Generator(device).manual_seed(common.step_seed(args.seed, rank, step, world))
+            torch.manual_seed(common.step_seed(args.seed, rank, step, world, stream=1))
+            u = random.Random(common.step_seed(args.seed, rank, step, world, stream=2)).random()
+            mask_ratio = mar.truncnorm_mask_ratio(model.mask_ratio_min, u)
             with torch.no_grad():
                 latents = to_latents(xb, gen)  # (B, C, H, W), MAR-scaled
             lr = lr_at(step, total_steps, warmup_steps, base_lr, args.lr_schedule, args.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss, grad_norm = train_step(ddp, opt, latents, yb, gen, precision, args.grad_clip)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; the last checkpoint is kept")
+            loss, grad_norm = train_step(ddp, opt, latents, yb, gen, precision, args.grad_clip, mask_ratio)
             step += 1
             common.update_ema(ema, model, common.ema_decay(args.ema_rate, step, args.ema_warmup))
             log.add({"loss": loss, "grad_norm": grad_norm})
-            if step % args.log_every == 0 or step == last:
-                log.flush(step, total=last, lr=lr)
-            if step % args.save_every == 0 or step == last:
+            save_now, stop = control.poll(step, last, args.save_every)
+            if step % args.log_every == 0 or save_now:
+                log.flush(step, total=last, lr=lr)  # raises on a non-finite loss, before the save
+            if save_now:
                 save()
-            if step >= last:
+                control.saved()
+            if stop or step >= last:
                 break
     log.close()
+    control.close()
+    if control.stopped:
+        control.report(step)
+        common.cleanup_distributed()
+        return
     common.assert_ranks_agree(model)
 
     # ------------------------------------------------------------------------------------------------------------
-    # Toy: sample the EMA teacher (100 head steps), decode with the toy VAE, score it
+    # Toy: sample the EMA teacher (100 head steps) on every rank's share, decode with the toy VAE; the main process
+    # scores and writes after the last collective
     # ------------------------------------------------------------------------------------------------------------
-    if args.preset == "toy" and common.is_main() and args.eval_images > 0:
-        result = evaluate_toy_teacher(ema, toy_tok, args)
+    toy_eval = args.preset == "toy" and args.eval_images > 0
+    if toy_eval:
+        samples = evaluate.sample_toy(ema, toy_tok, args.eval_images, args.eval_num_iter, args.eval_cfg)
+    common.cleanup_distributed()
+    if toy_eval and common.is_main():
+        result = evaluate_toy_teacher(*samples, args)
         with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
             json.dump(result, f, indent=2)
-        common.print0("toy teacher: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)))
-    common.cleanup_distributed()
+        print("toy teacher: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)))
 
 
 def toy_tokenizer_for_run(args, ckpt_path, device):
@@ -298,10 +316,9 @@ def toy_tokenizer_for_run(args, ckpt_path, device):
     return data.toy_tokenizer(data.load_toy_vae(args.toy_vae).to(device))
 
 
-def evaluate_toy_teacher(model, tokenizer, args):
-    """Sample the toy teacher (100 head steps per token) and score it with the toy classifier; grid.png."""
+def evaluate_toy_teacher(imgs, labels, sec, args):
+    """Score the toy teacher's samples (100 head steps per token) with the toy classifier; grid.png."""
     ev = evaluate.ToyEvaluator(args.classifier)
-    imgs, labels, sec = evaluate.sample_toy(model, tokenizer, args.eval_images, args.eval_num_iter, args.eval_cfg)
     common.save_class_grid(imgs, labels, os.path.join(args.out_dir, "grid.png"))
     return dict(ev(imgs, labels), real_split_fid=ev.real_split_fid(), sec_per_image=sec,
                 num_images=len(imgs), num_iter=args.eval_num_iter, cfg=args.eval_cfg, diffusion_steps=100)

@@ -64,8 +64,8 @@ def test_imagenet_path_stages_on_cuda(world, pickscore_dirs, tmp_path):  # noqa:
 
 def test_truncated_gaussian_mask_ratio_draws_on_a_cuda_generator():
     gen = torch.Generator("cuda").manual_seed(0)
-    ratios = [mar.truncnorm_mask_ratio(0.7, gen) for _ in range(100)]
-    assert all(0.7 <= r <= 1.0 for r in ratios)
+    ratios = [mar.mar_tiny(img_size=64).num_masked(generator=gen) for _ in range(100)]
+    assert all(11 <= r <= 16 for r in ratios)  # ceil(16 x [0.7, 1])
     model = mar.mar_tiny(img_size=64).cuda()
     loss = model(torch.randn(2, 16, 4, 4, device="cuda"), torch.tensor([1, 2], device="cuda"), generator=gen)
     assert torch.isfinite(loss)

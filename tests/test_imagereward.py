@@ -1,15 +1,18 @@
 """ImageReward (rewards.ImageReward): parity with the official THUDM/ImageReward code, strict loading, the two
-preprocessing paths, gradients, local-only loading.
+preprocessing paths, gradients, local-only loading, and its place in evaluate.py.
 
 The parity vectors (../shared/testdata/imagereward_reference_small.pt) were made by running the official code on a
 small random-weight model in the released key layout (ViT width 64, 2 blocks, 4 heads; BERT width 48, 2 layers,
 4 heads, the full 30,524-token vocabulary and the real MLP head), with three prompts of 7, 20 and 35 tokens.
 """
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import evaluate
 import rewards
 from conftest import shared_file
 
@@ -161,3 +164,28 @@ def test_loader_reads_local_files_only(tiny_files, tmp_path, monkeypatch):
         rewards.load_imagereward(weights, str(tmp_path / "bert-base-uncased"))  # a hub name, not a folder here
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         rewards.load_imagereward(weights, "bert-base-uncased")
+
+
+def test_evaluate_reports_each_metric_with_a_confidence_interval(tiny_files, pickscore_dirs, tmp_path):
+    """evaluate.py with only text-image scores (no FID files): ImageReward and PickScore with their 95% intervals,
+    the ImageReward mean equal to scoring the saved PNGs one by one through the PIL path."""
+    weights, tok = tiny_files
+    rng = np.random.default_rng(0)
+    arr = (rng.integers(0, 256, (12, 8, 10, 3)).repeat(4, 1).repeat(4, 2)).astype(np.uint8)   # (12, 32, 40, 3)
+    labels = np.arange(12) * 83 % 1000
+    np.savez(tmp_path / "s.npz", arr_0=arr, labels=labels)
+    out = evaluate.main(["--samples", str(tmp_path / "s.npz"), "--imagereward-weights", weights,
+                         "--imagereward-tokenizer", tok, "--pickscore-model", pickscore_dirs[0],
+                         "--pickscore-processor", pickscore_dirs[1], "--device", "cpu", "--batch-size", "5",
+                         "--json", str(tmp_path / "m.json")])
+    saved = json.load(open(tmp_path / "m.json"))
+    fn = rewards.load_imagereward(weights, tok)
+    with torch.no_grad():
+        x = torch.stack([rewards.imagereward_preprocess(Image.fromarray(a), 32) for a in arr])
+        each = fn.score(x, torch.from_numpy(labels)).numpy().astype(np.float64)
+    half = 1.959964 * each.std(ddof=1) / np.sqrt(len(each))
+    assert saved["imagereward"] == pytest.approx(each.mean(), abs=1e-5)
+    assert saved["imagereward_ci95"] == pytest.approx([each.mean() - half, each.mean() + half], abs=1e-5)
+    lo, hi = saved["pickscore_ci95"]
+    assert lo < saved["pickscore"] < hi and saved["num_images"] == 12 and "fid" not in saved
+    assert out["imagereward_ci95"] == saved["imagereward_ci95"]

@@ -1,5 +1,5 @@
 """ImageReward (rewards.ImageReward): parity with the official THUDM/ImageReward code, strict loading, the two
-preprocessing paths, gradients, local-only loading, and its place in evaluate.py.
+preprocessing paths, gradients, local-only loading, and its place in evaluate.py and rl_refine.py.
 
 The parity vectors (../shared/testdata/imagereward_reference_small.pt) were made by running the official code on a
 small random-weight model in the released key layout (ViT width 64, 2 blocks, 4 heads; BERT width 48, 2 layers,
@@ -14,6 +14,7 @@ from PIL import Image
 
 import evaluate
 import rewards
+import rl_refine
 from conftest import shared_file
 
 
@@ -189,3 +190,21 @@ def test_evaluate_reports_each_metric_with_a_confidence_interval(tiny_files, pic
     lo, hi = saved["pickscore_ci95"]
     assert lo < saved["pickscore"] < hi and saved["num_images"] == 12 and "fid" not in saved
     assert out["imagereward_ci95"] == saved["imagereward_ci95"]
+
+
+def test_evaluate_and_rl_refuse_half_given_files(tiny_files, tmp_path):
+    weights, tok = tiny_files
+    with pytest.raises(SystemExit):  # argparse's error: the tokenizer folder is missing
+        evaluate.main(["--samples", "s.npz", "--imagereward-weights", weights])
+    with pytest.raises(SystemExit):
+        rl_refine.get_args(["--student", "s.pth", "--vae", "kl16.ckpt", "--out-dir", "o", "--reward", "imagereward",
+                            "--imagereward-weights", weights])
+    args = rl_refine.get_args(["--student", weights, "--vae", weights, "--out-dir", str(tmp_path / "o"), "--reward",
+                               "imagereward", "--imagereward-weights", weights, "--imagereward-tokenizer",
+                               str(tmp_path / "no-bert")])
+    with pytest.raises(rl_refine.common.UsageError, match="--imagereward-tokenizer"):
+        rl_refine.check_inputs(args)  # before any work
+    args.imagereward_tokenizer = tok
+    rl_refine.check_inputs(args)
+    fn, evaluator = rl_refine.build_reward(args, torch.device("cpu"))
+    assert isinstance(fn, rewards.ImageRewardScore) and evaluator is None

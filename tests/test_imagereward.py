@@ -208,3 +208,15 @@ def test_evaluate_and_rl_refuse_half_given_files(tiny_files, tmp_path):
     rl_refine.check_inputs(args)
     fn, evaluator = rl_refine.build_reward(args, torch.device("cpu"))
     assert isinstance(fn, rewards.ImageRewardScore) and evaluator is None
+
+
+def test_dry_run_counts_imagereward_at_its_real_size():
+    """bench.py --dry-run --rl-reward imagereward: RL's step at MAR-B holds policy, reference and EMA (3 x 207,924,768
+    parameters), the KL-16 decoder (66,456,019) and ImageReward-v1.0 (446,206,689: ViT-L/16 303.3M, BERT 142.0M, the
+    head 0.9M), all fp32, and the prompt table's two int64 (1000, 35) buffers."""
+    import bench
+    assert sum(p.numel() for p in rewards.ImageReward(**rewards.IMAGEREWARD_CONFIG).parameters()) == 446_206_689
+    row = bench.dry_stage("rl", "mar_base", num_iter=2, reward="imagereward")
+    params = 3 * 207_924_768 + 66_456_019 + 446_206_689
+    assert row["parameters_gib"] == pytest.approx((params * 4 + 2 * 1000 * 35 * 8) / 2 ** 30, rel=1e-6)
+    assert row["fits_80gb"]

@@ -11,8 +11,9 @@ CPU by default (threads: torch's default, printed), CUDA when present with bf16 
 
 --dry-run: ONE real step of every stage of `--model` at the settings of its README command, on fake tensors (shapes,
 no storage): teacher training and GSIM (64 per GPU, mask ratio 1) with and without --grad-checkpointing, RL (2 per
-GPU, K = 64, the KL-16 decoder and PickScore's ViT-H/14 in the graph), teacher sampling (K = 256, CFG) and student
-sampling (K = 64 and 128) at sample.py's batch, and the FID Inception at evaluate.py's batch. Each stage runs
+GPU, K = 64, the KL-16 decoder and PickScore's ViT-H/14 in the graph, or ImageReward's ViT-L/16 and BERT-base with
+--rl-reward imagereward), teacher sampling (K = 256, CFG) and student sampling (K = 64 and 128) at sample.py's
+batch, and the FID Inception at evaluate.py's batch. Each stage runs
 the function its script runs (train_mar.train_step, distill_gsim.gsim_step, rl_refine.rl_step, sample.generate), and
 the table gives, per GPU, the parameters, gradients, optimizer state and activations held at the peak, the peak, and
 whether it fits an 80 GB GPU (what the count leaves out: see LiveMemory's section). Minutes per model on 2 CPU cores:
@@ -26,6 +27,7 @@ steps per AR step (with no graph kept, the head steps reuse the same memory: the
     python bench.py --model mar_huge --batch 64 --num-iter 64 --device cuda
     python bench.py --dry-run --model mar_huge --json dry_h.json     # does every stage fit an 80 GB GPU?
     python bench.py --dry-run --model mar_base --stages rl --rl-num-iter 16
+    python bench.py --dry-run --model mar_base --stages rl --rl-reward imagereward   # RL with ImageReward's graph
     python bench.py --launch-counts --model mar_base --json launches_b.json
 """
 import argparse
@@ -258,7 +260,7 @@ def _stage_gsim(name, opts):
 
 def _stage_rl(name, opts):
     """rl_refine.py's step at the paper's 2 per GPU: K AR steps of the one-step head with gradients (each step
-    checkpointed), the KL-16 decoder and PickScore's ViT-H/14, backward, AdamW."""
+    checkpointed), the KL-16 decoder and PickScore's ViT-H/14 (or ImageReward, opts["reward"]), backward, AdamW."""
     import rl_refine
     from transformers import BatchEncoding, CLIPConfig, CLIPModel
     args = rl_refine.get_args(["--student", "-", "--vae", "-", "--out-dir", "-", "--model", name,
@@ -268,10 +270,15 @@ def _stage_rl(name, opts):
     reference, ema = copy.deepcopy(policy).requires_grad_(False), copy.deepcopy(policy).requires_grad_(False)
     opt = _like_gpu(torch.optim.AdamW(list(policy.parameters()), lr=args.lr))
     tokenizer = _kl16()
-    # text inputs of PickScore's tokenizer: 77 token ids a prompt (their values do not change any shape)
-    tokenize = lambda texts: BatchEncoding({"input_ids": torch.zeros(len(texts), 77, dtype=torch.long),
-                                            "attention_mask": torch.ones(len(texts), 77, dtype=torch.long)})
-    reward = rewards.PickScoreReward(CLIPModel(CLIPConfig(**PICKSCORE_CONFIG)), tokenize, 224, prompts=["x"] * 1000)
+    if opts.get("reward") == "imagereward":  # ImageReward-v1.0 at its real size; 35 token ids for each of 1000 prompts
+        ids = torch.zeros(1000, rewards.IMAGEREWARD_TOKENS, dtype=torch.long)
+        reward = rewards.ImageRewardScore(rewards.ImageReward(**rewards.IMAGEREWARD_CONFIG), ids, torch.ones_like(ids))
+    else:
+        # text inputs of PickScore's tokenizer: 77 token ids a prompt (their values do not change any shape)
+        tokenize = lambda texts: BatchEncoding({"input_ids": torch.zeros(len(texts), 77, dtype=torch.long),
+                                                "attention_mask": torch.ones(len(texts), 77, dtype=torch.long)})
+        reward = rewards.PickScoreReward(CLIPModel(CLIPConfig(**PICKSCORE_CONFIG)), tokenize, 224,
+                                         prompts=["x"] * 1000)
     B = args.global_batch_size // 8
     labels = torch.arange(B)
     run = lambda: rl_refine.rl_step(policy, reference, tokenizer, reward, labels, _gens(B), opt, args)
@@ -331,7 +338,7 @@ def dry_run(args):
     K = args.num_iter  # None: each sampling stage's own K
     plan = [("train", dict(mask_ratio=1.0, ckpt=False)), ("train_ckpt", dict(mask_ratio=1.0, ckpt=True)),
             ("gsim", dict(ckpt=False)), ("gsim_ckpt", dict(ckpt=True)),
-            ("rl", dict(num_iter=args.rl_num_iter)),
+            ("rl", dict(num_iter=args.rl_num_iter, reward=args.rl_reward)),
             ("sample_teacher", dict(student=False, num_iter=K or 256, head_steps=args.head_steps)),
             ("sample_student", dict(student=True, num_iter=K or 64)),
             ("sample_student", dict(student=True, num_iter=K or 128)), ("inception", {})]
@@ -346,7 +353,7 @@ def dry_run(args):
               f"  peak {r['peak_gib']:7.2f} GiB  {'fits' if r['fits_80gb'] else 'DOES NOT FIT'} 80 GB"
               f"  ({r['seconds']:.0f} s)", flush=True)
     return {"model": args.model, "device": "fake (no storage), bf16 autocast", "fit_gib": FIT_GIB,
-            "teacher_head_steps_run": args.head_steps, "stages": rows}
+            "teacher_head_steps_run": args.head_steps, "rl_reward": args.rl_reward, "stages": rows}
 
 
 # ==== Launch counts: a GPU-free model of batch-1 latency ==========================================================
@@ -418,6 +425,8 @@ def main(argv=None):
     g.add_argument("--dry-run", action="store_true", help="one step of every stage of --model, memory per GPU")
     g.add_argument("--stages", nargs="+", choices=list(STAGES), default=None, help="only these stages")
     g.add_argument("--rl-num-iter", type=common.COUNT, default=64, help="K of the RL step (paper: 64)")
+    g.add_argument("--rl-reward", choices=["pickscore", "imagereward"], default="pickscore",
+                   help="the reward model in the RL step's graph (paper: PickScore)")
     g.add_argument("--head-steps", type=common.COUNT, default=2,
                    help="reverse head steps run per AR step in teacher sampling")
     g = p.add_argument_group("launch counts")

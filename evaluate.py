@@ -1,4 +1,4 @@
-"""Evaluation: FID, Inception Score, precision/recall, CLIP score and PickScore; and the toy evaluator.
+"""Evaluation: FID, Inception Score, precision/recall, CLIP score, PickScore and ImageReward; and the toy evaluator.
 
 Metrics (each function is self-contained and copyable):
   * FID: Frechet distance between Gaussian fits of Inception pool_3 features (Heusel et al. 2017, arXiv:1706.08500),
@@ -10,8 +10,11 @@ Metrics (each function is self-contained and copyable):
   * The FID Inception v3 is built here (TF-2015 graph quirks included) and loads the standard weights file; images
     are uint8, resized to 299 with TensorFlow-1 bilinear semantics and mapped by (x - 128) / 128 (torch-fidelity).
     Tests check features and logits against pytorch-fid's and torch-fidelity's networks with the same weights.
-  * CLIP score (open_clip, local weights) and PickScore (transformers, local directories): the reward models of
-    rewards.py, which rl_refine.py differentiates.
+  * CLIP score (open_clip, local weights), PickScore (transformers, local directories) and ImageReward (local
+    ImageReward.pt and bert-base-uncased): the reward models of rewards.py, which rl_refine.py differentiates, each
+    against its image's ImageNet class name, reported with a 95% confidence interval of the mean (`mean_ci95`).
+    ImageReward reads the saved images through its own PIL transform (`rewards.imagereward_preprocess`), as its
+    package scores files; CLIP and PickScore through the torch transform the RL reward uses.
   * The toy evaluator: a small CNN trained on the toy digits' training split plays Inception. Its 128-d features
     give the toy FID against the held-out split, its logits the toy IS and the class accuracy of generated digits.
     It is trained once (14 s on 2 CPU cores) and cached as a file.
@@ -21,10 +24,10 @@ Nothing is downloaded: every weights file is a local path.
     # ImageNet 256 (the files MAR's and ADM's evaluations use)
     python evaluate.py --samples samples/marval_h/samples.npz --ref-stats VIRTUAL_imagenet256_labeled.npz \
         --inception-weights pt_inception-2015-12-05-6726825d.pth --json fid.json
-    # + PickScore and CLIP score
-    python evaluate.py --samples samples/marval_h/samples.npz --ref-stats VIRTUAL_imagenet256_labeled.npz \
-        --inception-weights pt_inception-2015-12-05-6726825d.pth --pickscore-model PickScore_v1/ \
-        --pickscore-processor CLIP-ViT-H-14/ --clip-model ViT-H-14 --clip-weights open_clip_vit_h14.bin
+    # the text-image scores alone (MARVAL's RL table: CLIP score, ImageReward, PickScore), no FID
+    python evaluate.py --samples samples/marval_h/samples.npz --pickscore-model PickScore_v1/ \
+        --pickscore-processor CLIP-ViT-H-14/ --clip-model ViT-H-14 --clip-weights open_clip_vit_h14.bin \
+        --imagereward-weights ImageReward.pt --imagereward-tokenizer bert-base-uncased/ --json rl_table.json
     # toy digits
     python evaluate.py --toy --samples samples/toy_student/samples.npz
 """
@@ -43,7 +46,7 @@ from scipy import linalg
 
 import common
 import mar
-from rewards import ClipReward, PickScoreReward
+from rewards import ClipReward, ImageRewardScore, PickScoreReward, imagereward_preprocess, load_imagereward
 
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics on features / probabilities (copyable: numpy / torch only)
@@ -121,6 +124,16 @@ def precision_recall(real, fake, k=3, batch=2000):
 
     r_real, r_fake = radii(real), radii(fake)
     return covered(fake, real, r_real), covered(real, fake, r_fake)
+
+
+def mean_ci95(values):
+    """(mean, [lo, hi]) of per-image scores (N,): the 95% confidence interval of the mean, mean +- 1.96 s / sqrt(N)
+    with s the sample standard deviation (N - 1). It says how far the mean could move with another draw of N images
+    (other seeds), the resolution at which two models' scores differ: MARVAL's RL moves ImageReward by 0.03.
+    The normal quantile 1.96 (not Student's t) assumes N in the hundreds or more; for N = 1 the interval is nan."""
+    v = np.asarray(values, dtype=np.float64)
+    mean, half = v.mean(), 1.959964 * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return float(mean), [float(mean - half), float(mean + half)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -560,14 +573,21 @@ def main(argv=None):
     p.add_argument("--clip-weights", default=None, help="local open_clip weights file")
     p.add_argument("--pickscore-model", default=None, help="local directory of yuvalkirstain/PickScore_v1")
     p.add_argument("--pickscore-processor", default=None, help="local dir of laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    p.add_argument("--imagereward-weights", default=None, help="local ImageReward.pt (THUDM/ImageReward)")
+    p.add_argument("--imagereward-tokenizer", default=None, help="local bert-base-uncased folder (its tokenizer)")
     p.add_argument("--batch-size", type=common.COUNT, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write the numbers here")
     args = p.parse_args(argv)
     if bool(args.clip_model) != bool(args.clip_weights):
         p.error("the CLIP score needs both --clip-model (an open_clip architecture) and --clip-weights (its file)")
-    if not args.toy and not (args.ref_stats and args.inception_weights):
-        p.error("FID / IS need --ref-stats and --inception-weights (or --toy for the toy digits)")
+    if bool(args.imagereward_weights) != bool(args.imagereward_tokenizer):
+        p.error("ImageReward needs both --imagereward-weights (ImageReward.pt) and --imagereward-tokenizer "
+                "(a local bert-base-uncased folder)")
+    text_image = args.clip_model or args.pickscore_model or args.imagereward_weights
+    if bool(args.ref_stats) != bool(args.inception_weights) or not (args.toy or args.ref_stats or text_image):
+        p.error("FID / IS need --ref-stats and --inception-weights (or --toy for the toy digits); the text-image "
+                "scores alone need only their own files (--clip-*, --pickscore-*, --imagereward-*)")
     # Every input is read and checked before the first metric is computed.
     if not os.path.exists(args.samples):
         raise common.UsageError(f"--samples {args.samples}: no such file or folder; give sample.py's samples.npz "
@@ -575,9 +595,13 @@ def main(argv=None):
     with common.reading("--samples", args.samples):
         arr, labels = load_samples(args.samples)
     out = {"samples": args.samples, "num_images": len(arr)}
-    if labels is None and (args.toy or args.pickscore_model or args.clip_model):
-        raise common.UsageError(f"--samples {args.samples} holds no class labels, which --toy / --pickscore-model / "
-                                "--clip-model need: give the samples.npz that sample.py writes")
+    if labels is None and (args.toy or text_image):
+        raise common.UsageError(f"--samples {args.samples} holds no class labels, which --toy and the text-image "
+                                "scores need: give the samples.npz that sample.py writes")
+    if args.imagereward_weights:  # cheap checks before the expensive loads
+        common.input_path("--imagereward-weights", args.imagereward_weights, "the released ImageReward.pt")
+        common.input_path("--imagereward-tokenizer", args.imagereward_tokenizer, "a local bert-base-uncased folder",
+                          folder=True)
     scorers = {}
     if args.pickscore_model:
         processor = args.pickscore_processor or args.pickscore_model
@@ -586,6 +610,9 @@ def main(argv=None):
     if args.clip_model:
         with common.reading("--clip-weights", args.clip_weights):
             scorers["clip_score"] = ClipReward(args.clip_model, args.clip_weights)
+    if args.imagereward_weights:
+        with common.reading("--imagereward-weights", args.imagereward_weights):
+            scorers["imagereward"] = load_imagereward(args.imagereward_weights, args.imagereward_tokenizer)
     if args.toy:
         if arr.shape[1:3] != (16, 16):
             raise common.UsageError(f"--toy scores 16 x 16 digits; --samples {args.samples} holds "
@@ -594,7 +621,7 @@ def main(argv=None):
         with common.reading("--classifier", args.classifier):
             ev = ToyEvaluator(args.classifier)
         out.update(ev(x, torch.from_numpy(labels).long()), real_split_fid=ev.real_split_fid())
-    else:
+    elif args.ref_stats:
         if len(arr) < 10:
             raise common.UsageError(f"--samples {args.samples} holds {len(arr)} images, too few for FID / IS "
                                     "(10 splits); FID-50K uses 50,000")
@@ -610,23 +637,36 @@ def main(argv=None):
         out["inception_score"], out["inception_score_std"] = inception_score(logits, splits=10)
         if ref_feats is not None:
             out["precision"], out["recall"] = precision_recall(ref_feats, feats, k=3)
-    if scorers:
-        for name, fn in scorers.items():
-            fn = fn.to(args.device)
-            vals = []
-            with torch.no_grad():
-                for i in range(0, len(arr), args.batch_size):
-                    x = torch.from_numpy(arr[i: i + args.batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
-                    y = torch.from_numpy(labels[i: i + args.batch_size]).to(args.device)
-                    vals.append(fn(x.to(args.device), y).cpu())
-            out[name] = torch.cat(vals).mean().item()
+    for name, fn in scorers.items():
+        out[name], out[name + "_ci95"] = mean_ci95(text_image_scores(fn, arr, labels, args.device, args.batch_size))
     return print_and_save(out, args.json)
 
 
+@torch.no_grad()
+def text_image_scores(fn, arr, labels, device, batch=50):
+    """Per-image scores (N,) of uint8 images (N, H, W, C) against their classes' prompts. ImageReward (a
+    rewards.ImageRewardScore) sees the images through its own PIL transform, as its package scores image files; the
+    other scores through the differentiable torch transform of the reward, from [-1, 1]."""
+    fn, vals = fn.to(device), []
+    for i in range(0, len(arr), batch):
+        a, y = arr[i: i + batch], torch.from_numpy(labels[i: i + batch]).long().to(device)
+        if isinstance(fn, ImageRewardScore):  # PIL's bicubic resize and crop of each saved image, CLIP's mean/std
+            rgb = [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in a]
+            x = torch.stack([imagereward_preprocess(im, fn.model.image_size) for im in rgb])  # (b, 3, 224, 224)
+            vals.append(fn.score(x.to(device), y).float().cpu())
+        else:
+            x = torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1                   # (b, C, H, W)
+            vals.append(fn(x.to(device), y).float().cpu())
+    return torch.cat(vals).numpy()
+
+
 def print_and_save(out, json_path=None):
-    """One line per number (nested tables skipped), and the whole dict as JSON when a path is given."""
+    """One line per number and per interval (k_ci95; other nested tables skipped), and the whole dict as JSON when a
+    path is given."""
     for k, v in out.items():
-        if not isinstance(v, (list, dict)):
+        if k.endswith("_ci95"):
+            print(f"{k:28s} [{v[0]:.4g}, {v[1]:.4g}]")
+        elif not isinstance(v, (list, dict)):
             print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
     if json_path:
         with open(json_path, "w") as f:

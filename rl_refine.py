@@ -6,8 +6,9 @@ enough to differentiate end to end. The reward model's gradient then flows into 
     image = decode(sample_tokens(K, one-step head))    differentiable; every AR step under torch.utils.checkpoint
     loss  = -mean R(image, prompt) + beta * mean |x0_policy - x0_frozen|^2
 
-R is PickScore (paper), an open_clip CLIP score, or on the toy the toy classifier's log-probability of the requested
-digit. Prompts are ImageNet entity names (open_clip's bundled IMAGENET_CLASSNAMES), one per sampled class.
+R is PickScore (paper), an open_clip CLIP score, ImageReward (--reward imagereward), or on the toy the toy
+classifier's log-probability of the requested digit. Prompts are ImageNet entity names (open_clip's bundled
+IMAGENET_CLASSNAMES), one per sampled class.
 
 Reward back-propagation is known to hack the reward (AlignProp, DRaFT, ReFL): the images drift toward what the reward
 model likes and away from the data. Two guards: a regulariser toward the frozen starting policy (DRaFT+, NVIDIA
@@ -81,6 +82,8 @@ def build_reward(args, device):
     if args.reward == "pickscore":
         fn = rewards.PickScoreReward.from_dirs(args.pickscore_model,
                                                args.pickscore_processor or args.pickscore_model)
+    elif args.reward == "imagereward":
+        fn = rewards.load_imagereward(args.imagereward_weights, args.imagereward_tokenizer)
     else:
         fn = rewards.ClipReward(args.clip_model, args.clip_weights)
     return fn.to(device), None
@@ -273,11 +276,13 @@ def get_args(argv=None):
     g.add_argument("--device", default=None)
     common.add_run_flags(g)
     g = p.add_argument_group("reward")
-    g.add_argument("--reward", choices=["pickscore", "clip", "toy"], default="pickscore")
+    g.add_argument("--reward", choices=["pickscore", "clip", "imagereward", "toy"], default="pickscore")
     g.add_argument("--pickscore-model", default=None, help="local directory of yuvalkirstain/PickScore_v1")
     g.add_argument("--pickscore-processor", default=None, help="local dir of laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
     g.add_argument("--clip-model", default="ViT-H-14", help="open_clip architecture (--reward clip)")
     g.add_argument("--clip-weights", default=None, help="local open_clip weights file (--reward clip)")
+    g.add_argument("--imagereward-weights", default=None, help="local ImageReward.pt (--reward imagereward)")
+    g.add_argument("--imagereward-tokenizer", default=None, help="local bert-base-uncased folder (with the above)")
     g.add_argument("--classifier", default="runs/toy_classifier.pt", help="toy reward / evaluator")
     g.add_argument("--watch-classifier", default=None, help="toy: an independent evaluator (pixel MLP, trained on "
                    "first use) whose accuracy and class similarity are logged but never optimised")
@@ -322,6 +327,9 @@ def get_args(argv=None):
         p.error("--reward pickscore needs --pickscore-model (and --pickscore-processor) local directories")
     if args.reward == "clip" and not args.clip_weights:
         p.error("--reward clip needs --clip-weights (a local open_clip weights file)")
+    if args.reward == "imagereward" and not (args.imagereward_weights and args.imagereward_tokenizer):
+        p.error("--reward imagereward needs --imagereward-weights (ImageReward.pt) and --imagereward-tokenizer "
+                "(a local bert-base-uncased folder)")
     if args.truncate_k is not None and args.truncate_k > args.num_iter:
         p.error(f"--truncate-k {args.truncate_k} is more than the --num-iter {args.num_iter} AR steps")
     return args
@@ -343,6 +351,10 @@ def check_inputs(args):
                                     "a transformers save_pretrained (or a hub snapshot) of PickScore_v1 wrote")
     if args.reward == "clip":
         common.input_path("--clip-weights", args.clip_weights, "a local open_clip weights file")
+    if args.reward == "imagereward":
+        common.input_path("--imagereward-weights", args.imagereward_weights, "the released ImageReward.pt")
+        common.input_path("--imagereward-tokenizer", args.imagereward_tokenizer, "a local bert-base-uncased folder",
+                          folder=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -378,7 +390,8 @@ def main(argv=None):
         import vae as vae_lib
         with common.reading("--vae", args.vae):
             tokenizer = data.Tokenizer(vae_lib.load_vae(args.vae).to(device).requires_grad_(False))
-    reward_flag = {"pickscore": "--pickscore-model", "clip": "--clip-weights", "toy": "--classifier"}[args.reward]
+    reward_flag = {"pickscore": "--pickscore-model", "clip": "--clip-weights", "imagereward": "--imagereward-weights",
+                   "toy": "--classifier"}[args.reward]
     with common.reading(reward_flag, getattr(args, reward_flag[2:].replace("-", "_"))):
         reward_fn, evaluator = build_reward(args, device)
     # the independent judge: a pixel MLP (another architecture and seed), created on first use, never differentiated

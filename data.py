@@ -13,7 +13,7 @@ Three sources feed the same MAR code:
    stands in for KL-16: a digit becomes 4x4 latents of 16 channels, 16 tokens of KL-16's width 16, and every stage
    runs the ImageNet pipeline unchanged (encode, generate latents, decode) on a CPU in minutes.
 
-Commands:
+Commands (the cache is resumable: the same command again skips every image already cached):
     python data.py cache --data-path IMAGENET/train --vae kl16.ckpt --out-dir cache/       # 1 GPU
     torchrun --nproc_per_node=8 data.py cache --data-path IMAGENET/train --vae kl16.ckpt --out-dir cache/
     python data.py toy-grid --out toy_real.png                                               # look at the toy data

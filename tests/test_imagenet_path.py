@@ -127,3 +127,37 @@ def test_kl_constructor_ties_z_channels_to_embed_dim():
     ae = vae.AutoencoderKL(embed_dim=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=16)
     assert ae.encoder.conv_out.out_channels == 16 and ae.decoder.conv_in.in_channels == 8  # 2 x 8 moments; z = 8
     assert ae.decode(ae.encode(torch.zeros(1, 3, 16, 16)).sample()).shape == (1, 3, 16, 16)
+
+
+def test_cache_uses_workers_resumes_and_names_a_bad_image(world, tmp_path, capsys):
+    """data.py cache with DataLoader workers: a second run skips what is cached and rewrites only what is missing (the
+    same moments); an unreadable image stops the run naming it (what was cached stays) or, with --bad-images skip, is
+    reported and left out."""
+    import shutil
+    import common
+    import data
+    imgs, out = tmp_path / "train", tmp_path / "cache"
+    shutil.copytree(world / "train", imgs)
+    base = ["cache", "--data-path", str(imgs), "--vae", str(world / "kl16.ckpt"), "--out-dir", str(out),
+            "--img-size", "64", "--batch-size", "3", "--num-workers", "2", "--device", "cpu"]
+    data.main(base)
+    files = sorted(out.rglob("*.npz"))
+    assert len(files) == 8
+    first = {f: np.load(f)["moments"] for f in files}
+    files[3].unlink()
+    capsys.readouterr()
+    data.main(base)
+    log = capsys.readouterr().out
+    assert "7 of its 8 images are cached already" in log and "encoded 1 images" in log
+    assert sorted(out.rglob("*.npz")) == files
+    assert all(np.array_equal(np.load(f)["moments"], m) for f, m in first.items())
+    data.main(base)
+    assert "encoded 0 images" in capsys.readouterr().out  # nothing left to encode
+    # a truncated JPEG: named, and nothing cached is lost
+    bad = imgs / "n01440764" / "img_9.JPEG"
+    bad.write_bytes((imgs / "n01440764" / "img_0.JPEG").read_bytes()[:200])
+    with pytest.raises(common.UsageError, match="img_9.JPEG"):
+        data.main(base)
+    assert sorted(out.rglob("*.npz")) == files
+    data.main(base + ["--bad-images", "skip"])
+    assert "skipped:" in capsys.readouterr().out and sorted(out.rglob("*.npz")) == files

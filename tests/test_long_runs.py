@@ -133,6 +133,7 @@ HELD_OUT = textwrap.dedent("""
     args.precision = "fp32"
     model = data.toy_model_of(student)
     mar.load_mar(student, model, verbose=False)
+    model.eval()  # as RL's EMA model is (dropout off)
     reference = copy.deepcopy(model)
     with torch.no_grad():  # a reference other than the policy: the drift is not zero
         for p in reference.diffloss.net.parameters():
@@ -157,7 +158,8 @@ def test_two_processes_share_the_evaluation_and_agree_with_one(toy_student_ckpt,
     script = tmp_path / "held_out.py"
     script.write_text(f"import sys; sys.path.insert(0, {ROOT!r})\n" + HELD_OUT)
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    # one process with the thread count torchrun gives each (the sum order of a matmul depends on it)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(script), toy_student_ckpt, toy_classifier_file, one], cwd=ROOT, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -150,7 +150,7 @@ def test_cache_uses_workers_resumes_and_names_a_bad_image(world, tmp_path, capsy
     log = capsys.readouterr().out
     assert "7 of its 8 images are cached already" in log and "encoded 1 images" in log
     assert sorted(out.rglob("*.npz")) == files
-    assert all(np.array_equal(np.load(f)["moments"], m) for f, m in first.items())
+    assert all(np.allclose(np.load(f)["moments"], m, atol=1e-5) for f, m in first.items())  # batch-size rounding
     data.main(base)
     assert "encoded 0 images" in capsys.readouterr().out  # nothing left to encode
     # a truncated JPEG: named, and nothing cached is lost

@@ -420,7 +420,7 @@ def main(argv=None):
     g.add_argument("--cfg", type=common.NONNEG, default=2.9, help="teacher CFG (MAR-B 2.9, L 3.0, H 3.2)")
     g.add_argument("--num-diffusion-steps", type=common.COUNT, default=100)
     g.add_argument("--repeats", type=common.COUNT, default=3)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", type=common.device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     g = p.add_argument_group("dry run (fake tensors, the paper's sizes)")
     g.add_argument("--dry-run", action="store_true", help="one step of every stage of --model, memory per GPU")
     g.add_argument("--stages", nargs="+", choices=list(STAGES), default=None, help="only these stages")

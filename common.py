@@ -25,6 +25,7 @@ Every function depends only on torch and its arguments; copy any one of them on 
 import argparse
 import contextlib
 import datetime
+import errno
 import json
 import math
 import os
@@ -155,11 +156,11 @@ def cli(main):
         sys.exit(2)
 
 
-def number(kind=int, low=None, high=None, low_open=False):
-    """An argparse type: a finite `kind` (int or float) in [low, high], low itself excluded when `low_open`.
-    number(int, 1) is a count, number(float, 0, low_open=True) a learning rate."""
+def number(kind=int, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: a finite `kind` (int or float) in [low, high], low (high) itself excluded when `low_open`
+    (`high_open`). number(int, 1) is a count, number(float, 0, low_open=True) a learning rate."""
     bounds = " and ".join(b for b in (low is not None and f"{'>' if low_open else '>='} {low}",
-                                      high is not None and f"<= {high}") if b)
+                                      high is not None and f"{'<' if high_open else '<='} {high}") if b)
     noun = "an integer" if kind is int else "a number"
 
     def parse(text):
@@ -168,7 +169,7 @@ def number(kind=int, low=None, high=None, low_open=False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
         if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
-                or (high is not None and value > high):
+                or (high is not None and (value >= high if high_open else value > high)):
             raise argparse.ArgumentTypeError(f"{text} is out of range: give {noun} {bounds}")
         return value
 
@@ -180,6 +181,27 @@ def number(kind=int, low=None, high=None, low_open=False):
 COUNT, COUNT0 = number(int, 1), number(int, 0)                         # >= 1 (sizes, steps), >= 0 (0: off)
 POSITIVE, NONNEG = number(float, 0, low_open=True), number(float, 0)   # > 0 (rates), >= 0 (weights, scales)
 FRACTION = number(float, 0, 1)                                          # [0, 1] (probabilities, EMA rates)
+BETA = number(float, 0, 1, high_open=True)                              # [0, 1) (Adam's betas)
+
+
+def device_arg(text):
+    """An argparse type for --device: a device torch knows AND this machine has (cuda needs a visible GPU)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: give cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device is visible here (torch.cuda.is_available() is "
+                                             "False); give --device cpu, or run where a GPU is")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: the scripts run on cpu or cuda")
+    return text
+
+
+device_arg.__name__ = "device"
 
 
 def add_run_flags(group, checkpoints=True):
@@ -214,12 +236,14 @@ def reading(flag, path):
         raise UsageError(f"{flag} {path}: {first}") from None
 
 
-def claim_out_dir(out_dir, resume=False, overwrite=False, inputs=(), writes=("checkpoint-last.pth",)):
-    """Check, before any work, that a run may write its checkpoints into `out_dir`: never into a file it reads
+def claim_out_dir(out_dir, resume=False, overwrite=False, inputs=(), writes=("checkpoint-last.pth",), outputs=()):
+    """Check, before any work, that a run may write into `out_dir`: a folder it can create, never a file it reads
     (`inputs`: (flag, path) pairs), and never over a checkpoint it did not make unless told to continue it
-    (--resume) or to replace it (--overwrite)."""
+    (--resume) or to replace it (--overwrite). With --overwrite, what the previous run left that a reader would take
+    for this run's (`writes` and `outputs`: file names) is removed; temporary files of a killed save always are."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"--out-dir {out_dir} is a file; give a folder for the checkpoints and log.jsonl")
+    writable_folder("--out-dir", out_dir)
     targets = [os.path.join(out_dir, name) for name in writes]
     for flag, path in inputs:
         if path and any(os.path.exists(t) and os.path.exists(path) and os.path.samefile(path, t) for t in targets):
@@ -229,6 +253,98 @@ def claim_out_dir(out_dir, resume=False, overwrite=False, inputs=(), writes=("ch
     if held and not (resume or overwrite):
         raise UsageError(f"--out-dir {out_dir} already holds {os.path.basename(held[0])}: pass --resume to continue "
                          "that run, --overwrite to start over and replace it, or give another --out-dir")
+    if not os.path.isdir(out_dir):
+        return
+    stale = [f for f in os.listdir(out_dir) if ".pth.tmp" in f]  # a save killed between write and rename
+    if overwrite and not resume:
+        stale += [name for name in (*writes, *outputs) if os.path.exists(os.path.join(out_dir, name))]
+    for name in stale:
+        with contextlib.suppress(FileNotFoundError):  # every rank runs this check
+            os.remove(os.path.join(out_dir, name))
+    if stale:
+        print0(f"removed from {out_dir}: {', '.join(stale)}")
+
+
+def writable_folder(flag, path):
+    """UsageError unless `path` is a folder this process can write, or one it can create (its nearest existing
+    ancestor is a writable folder). Creates nothing: a refused run leaves no trace."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"{flag} {path}: {probe} is a file, so the folder cannot be made; give another {flag}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {probe} is not writable by this user; give a folder you can write")
+
+
+def check_outputs(writes, reads):
+    """UsageError if a file the run writes is a file it reads (`writes`, `reads`: (flag, path) pairs; None skipped):
+    no output ever replaces an input. Also checks that each output's folder can be written."""
+    for wflag, wpath in writes:
+        if not wpath:
+            continue
+        writable_folder(wflag, os.path.dirname(os.path.abspath(wpath)))
+        for rflag, rpath in reads:
+            if rpath and os.path.exists(wpath) and os.path.exists(rpath) and os.path.samefile(wpath, rpath):
+                raise UsageError(f"{wflag} {wpath} is the {rflag} input: the run would replace what it reads; "
+                                 f"give another {wflag}")
+
+
+# ==== What made a checkpoint: --resume continues only the same run ===============================================
+
+def fingerprint(state_dict):
+    """A short digest of a model's weights (per tensor: name, shape, float64 sum and sum of squares): the same for the
+    same weights wherever the file lies, different after any training step."""
+    import hashlib
+    h = hashlib.sha1()
+    for k, v in state_dict.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            v = v.detach().double()
+            h.update(f"{k}{tuple(v.shape)}{v.sum().item():.12e}{v.square().sum().item():.12e}".encode())
+    return h.hexdigest()[:12]
+
+
+def run_record(stage, args, keys, inputs=None):
+    """What a checkpoint records of the run that made it: the stage, the settings that define the run (`keys` of
+    args: the model, the global batch, the data, the toy's configuration) and the inputs' fingerprints
+    ({flag: (path, fingerprint)}), checked by `check_record` on --resume."""
+    return {"stage": stage, "args": {k: getattr(args, k) for k in keys},
+            "inputs": {flag: [os.path.abspath(p) if p else p, fp] for flag, (p, fp) in (inputs or {}).items()}}
+
+
+STAGE_OF_KIND = {"teacher": "train_mar.py"}
+
+
+def check_record(ck, record, path):
+    """UsageError unless the checkpoint `ck` at `path` was made by the same stage, settings and inputs as `record`
+    (`run_record`): resuming another stage's run, or with another teacher, student, model or batch, would graft the
+    new inputs onto the old state and overwrite it."""
+    stage = ck.get("record", {}).get("stage") or ("rl_refine.py" if "history" in ck else "distill_gsim.py"
+                                                   if "aux" in ck else "train_mar.py")
+    if stage != record["stage"]:
+        raise UsageError(f"--resume: {path} was written by {stage}, not {record['stage']}: give the --out-dir of a "
+                         f"{record['stage']} run, or another --out-dir to start one")
+    old = ck.get("record")
+    if old is None:
+        return
+    for k, v in record["args"].items():
+        if k in old["args"] and old["args"][k] != v:
+            flag = "--" + k.replace("_", "-")
+            raise UsageError(f"--resume: {path} was made with {flag} {old['args'][k]}, this run has {flag} {v}: give "
+                             "the same, or --overwrite to start over")
+    for flag, (p, fp) in record["inputs"].items():
+        if flag in old["inputs"] and old["inputs"][flag][1] != fp:
+            raise UsageError(f"--resume: {path} was made from {flag} {old['inputs'][flag][0]} (weights "
+                             f"{old['inputs'][flag][1]}), this run reads {flag} {p} (weights {fp}): give the same "
+                             "input, or --overwrite to start over")
+
+
+def assert_finite(module, hint):
+    """UsageError if any weight of `module` is not finite (checked on every rank alike before a save: all ranks hold
+    the same weights): a diverged run stops and keeps its last finite checkpoint. `hint`: the flag to lower."""
+    if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+        raise UsageError(f"the weights are no longer finite: the run stopped without saving them (the last checkpoint "
+                         f"is kept); {hint}")
 
 
 # ==== Output on rank 0: print, the start of a run, the run log ===================================================
@@ -244,11 +360,13 @@ def print0(*args, **kw):
         print(*args, **kw, flush=True)
 
 
-def start_run(args, inputs=()):
+def start_run(args, inputs=(), outputs=()):
     """The common start of every training stage: the output folder may take this run's checkpoints (`claim_out_dir`:
-    `inputs` are the (flag, path) pairs the run reads), then the process group and the per-rank batch (which must
-    divide). Returns (rank, world, device, per-rank batch). The folder itself is made when the run log opens."""
-    claim_out_dir(args.out_dir, args.resume, args.overwrite, inputs, ("checkpoint-last.pth", "checkpoint-best.pth"))
+    `inputs` are the (flag, path) pairs the run reads, `outputs` the other files it writes there, which --overwrite
+    removes with the checkpoints), then the process group and the per-rank batch (which must divide). Returns (rank,
+    world, device, per-rank batch). The folder itself is made when the run log opens."""
+    claim_out_dir(args.out_dir, args.resume, args.overwrite, inputs, ("checkpoint-last.pth", "checkpoint-best.pth"),
+                  ("log.jsonl", "eval.json", *outputs))
     rank, world, device = setup_distributed(args.device, args.dist_timeout)
     if args.global_batch_size % world:
         raise UsageError(f"--global-batch-size {args.global_batch_size} does not divide among {world} processes; "
@@ -267,12 +385,22 @@ class RunLog:
     GPU's queue to drain at every step. Every rank must call `flush` at the same steps (it holds a collective).
     """
 
-    def __init__(self, out_dir, total, initial, desc, batch=None):
+    def __init__(self, out_dir, total, initial, desc, batch=None, diverged="lower the learning rate"):
         self.on, self.batch, self.sums, self.n, self.t0 = is_main(), batch, {}, 0, time.time()
+        self.diverged = diverged  # what to do about a non-finite loss: the stage's flag to lower
         if self.on:
             os.makedirs(out_dir, exist_ok=True)
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
-            self.file = open(os.path.join(out_dir, "log.jsonl"), "a")
+            path = os.path.join(out_dir, "log.jsonl")
+            # The log holds what the checkpoint holds: records past the step a run resumes from (written before a
+            # save that never completed, or by a run that crashed) are dropped, and a run from step 0 starts anew.
+            kept = []
+            if initial and os.path.exists(path):
+                with open(path) as f:
+                    kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= initial]
+            with open(path, "w") as f:
+                f.writelines(kept)
+            self.file = open(path, "a")
 
     def add(self, stats):
         """stats: {name: 0-d tensor or number}, summed where they live (no host copy)."""
@@ -305,9 +433,9 @@ class RunLog:
             rec["img_per_sec"] = self.batch / seconds
         self.write(rec)
         bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
-        if bad:
-            raise FloatingPointError(f"non-finite {', '.join(bad)} in the steps up to {step}; the last checkpoint "
-                                     "is kept (lower the learning rate)")
+        if bad:  # the same on every rank (the means are all-reduced): every rank stops here, before the next save
+            raise UsageError(f"non-finite {', '.join(bad)} in the steps up to {step}: the run stopped without saving "
+                             f"(the last checkpoint is kept); {self.diverged}")
         self.sums, self.n, self.t0 = {}, 0, time.time()
         return rec
 
@@ -380,6 +508,12 @@ def save_checkpoint(path, obj):
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError from its zip writer
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "file write failed" in str(e)
+        if full:
+            raise UsageError(f"no space left on device writing {path}: the previous checkpoint is kept; free space "
+                             "and run again with --resume") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

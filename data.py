@@ -30,7 +30,7 @@ from PIL import Image
 import common
 import mar
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".JPEG")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")  # matched in any case
 
 # ----------------------------------------------------------------------------------------------------------------
 # ImageNet: class folders, ADM center crop
@@ -50,17 +50,49 @@ def center_crop_arr(pil_image, image_size):
 
 
 def find_images(root):
-    """(sorted class names, [(path, class index)]) of a class-folder tree; a clear error when there is nothing."""
+    """(sorted class names, [(path, class index)], {reason: [skipped files]}) of a class-folder tree ROOT/<class>/...,
+    extensions matched in any case (.JPEG, .jpg, .JPG alike); clear errors for a tree that is not one."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root!r} does not exist (expected ROOT/<class>/<image> files)")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-    items = [(os.path.join(dp, f), i) for i, c in enumerate(classes)
-             for dp, _, files in sorted(os.walk(os.path.join(root, c))) for f in sorted(files)
-             if f.endswith(IMG_EXTENSIONS)]
+    items, skipped = [], {}
+    for i, c in enumerate(classes):
+        for dp, _, files in sorted(os.walk(os.path.join(root, c))):
+            for f in sorted(files):
+                if f.lower().endswith(IMG_EXTENSIONS):
+                    items.append((os.path.join(dp, f), i))
+                else:
+                    skipped.setdefault("not an image file by its extension", []).append(os.path.join(dp, f))
+    # ImageNet's root given for its train folder: "classes" such as train/ and val/ that hold folders of images
+    nested = [c for c in classes if any(d.is_dir() for d in os.scandir(os.path.join(root, c)))]
+    if nested and any(os.path.dirname(p) != os.path.join(root, classes[i]) for p, i in items):
+        raise ValueError(f"{root!r} holds folders ({', '.join(nested[:3])}) that hold folders of images: give the "
+                         f"folder whose sub-folders are the classes, e.g. {os.path.join(root, nested[0])!r}")
     if not items:
         raise ValueError(f"no images found under {root!r}: expected class sub-folders holding "
-                         f"{', '.join(IMG_EXTENSIONS[:5])} files (ImageNet: the 'train' folder)")
-    return classes, items
+                         f"{', '.join(IMG_EXTENSIONS[:5])} files, any case (ImageNet: the 'train' folder)")
+    return classes, items, skipped
+
+
+def describe_images(root, classes, items, skipped):
+    """One line on what a class folder holds: classes, images per class, files passed over and why."""
+    per = np.bincount([i for _, i in items], minlength=len(classes))
+    line = (f"{root}: {len(classes)} classes, {len(items)} images ({per.min()} to {per.max()} per class, median "
+            f"{int(np.median(per))})")
+    for why, files in skipped.items():
+        line += f"; {len(files)} files skipped ({why}, e.g. {files[0]})"
+    return line
+
+
+def to_rgb(im):
+    """A PIL image of any mode -> 8-bit RGB: 16-bit grey scaled to 8 bits (PIL's convert would clip at 255), palette
+    images through RGBA (their transparency), CMYK, grey and alpha modes by PIL's conversion."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray((arr * (255.0 / 65535.0)).round().clip(0, 255).astype(np.uint8), "L")
+    elif im.mode == "P":
+        im = im.convert("RGBA")
+    return im.convert("RGB")
 
 
 def image_tensor(img):
@@ -74,7 +106,7 @@ class ImageFolder(torch.utils.data.Dataset):
     of ending the run (`--bad-images skip`; `check` finds them all before training, `check_images`)."""
 
     def __init__(self, root, image_size=256, flip=True, skip_bad=False):
-        self.classes, self.items = find_images(root)
+        self.classes, self.items, self.skipped = find_images(root)
         self.image_size, self.flip, self.skip_bad = image_size, flip, skip_bad
 
     def __len__(self):
@@ -85,7 +117,7 @@ class ImageFolder(torch.utils.data.Dataset):
         path, _ = self.items[i]
         try:
             with Image.open(path) as im:
-                return center_crop_arr(im.convert("RGB"), self.image_size)
+                return center_crop_arr(to_rgb(im), self.image_size)
         except (OSError, ValueError) as e:  # PIL: truncated file, unidentified format
             raise ValueError(f"cannot read image {path!r} ({e}); pass --bad-images skip to skip such files") from None
 
@@ -121,9 +153,19 @@ class CachedLatents(torch.utils.data.Dataset):
     generator); sample a latent with vae.DiagonalGaussian."""
 
     def __init__(self, root):
-        self.files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs if f.endswith(".npz"))
+        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs)
+        # Anything else in the cache would be read as latents, or ends the run hours later: refused now, by path.
+        stray = [f for f in files if not f.endswith(".npz") or f.endswith(".tmp.npz")]
+        if stray:
+            raise ValueError(f"{stray[0]!r} is not a cache entry ({len(stray)} such files under {root!r}; a .tmp.npz "
+                             "is a write a killed `data.py cache` left): remove them, or run the cache again")
+        self.files = files
         if not self.files:
             raise ValueError(f"no cached latents (.npz) under {root!r}; write them with `python data.py cache`")
+        with np.load(self.files[0]) as d:
+            if not {"moments", "moments_flip", "label"} <= set(d.files):
+                raise ValueError(f"{self.files[0]!r} holds {sorted(d.files)}, not a cache entry (moments, "
+                                 "moments_flip, label): is --cached-path the folder `python data.py cache` wrote?")
 
     def __len__(self):
         return len(self.files)
@@ -286,6 +328,7 @@ def training_source(args, device, toy_tok=None):
             tok = Tokenizer(vae_lib.load_vae(args.vae).to(device).requires_grad_(False))
         with common.reading("--data-path", args.data_path):
             dataset = ImageFolder(args.data_path, args.img_size, flip=True, skip_bad=args.bad_images == "skip")
+            common.print0(describe_images(args.data_path, dataset.classes, dataset.items, dataset.skipped))
             if args.bad_images == "check":
                 check_images(dataset)
         to_latents = tok.encode
@@ -445,7 +488,7 @@ def main(argv=None):
     c.add_argument("--num-workers", type=common.COUNT0, default=8, help="JPEG-decoding processes per GPU")
     c.add_argument("--bad-images", choices=["skip", "stop"], default="stop",
                    help="an unreadable image: skip it (reported by path) or stop, naming it")
-    c.add_argument("--device", default=None, help="cuda if available, else cpu")
+    c.add_argument("--device", type=common.device_arg, default=None, help="cuda if available, else cpu")
     g = sub.add_parser("toy-grid", help="save a grid of real toy digits, one row per class")
     g.add_argument("--out", default="toy_real.png")
     args = p.parse_args(argv)
@@ -453,11 +496,17 @@ def main(argv=None):
         common.input_path("--data-path", args.data_path, "a class-folder image tree (ImageNet: its train folder)",
                           folder=True)
         common.input_path("--vae", args.vae, "the local kl16.ckpt")
+        images, cache = os.path.realpath(args.data_path), os.path.realpath(args.out_dir)
+        if os.path.commonpath([images, cache]) in (images, cache):  # the same folder, or one inside the other
+            raise common.UsageError(f"--out-dir {args.out_dir} and --data-path {args.data_path} overlap: the cache "
+                                    "would be written among the images (or the images read from the cache); give "
+                                    "separate folders")
+        common.writable_folder("--out-dir", args.out_dir)
         import vae as vae_lib
         with common.reading("--vae", args.vae):
             vae_lib.load_vae(args.vae)
         with common.reading("--data-path", args.data_path):
-            find_images(args.data_path)
+            print(describe_images(args.data_path, *find_images(args.data_path)))
         done, skipped, sec = cache_latents(args)
         print(f"rank {os.environ.get('RANK', 0)}: encoded {done} images in {sec:.1f} s "
               f"({done / max(sec, 1e-9):.1f} images/s), {skipped} found cached -> {args.out_dir}")

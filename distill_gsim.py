@@ -294,6 +294,8 @@ def head_of(mar_state):
 # The toy evaluations' fixed sample sets (evaluate.sample_toy draws batch i from seed + i): the student's progress
 # during the run, and the final teacher-vs-student comparison, each the same images every time.
 PROGRESS_SEED, FINAL_SEED = 10_000, 20_000
+# What defines a GSIM run besides its --teacher: --resume refuses a checkpoint made with other values.
+RESUME_KEYS = ("preset", "model", "img_size", "global_batch_size", "train_transformer", "teacher_cfg", "seed")
 TOY_DEFAULTS = dict(out_dir="runs/toy_student", global_batch_size=64, lr_g=2e-4, lr_aux=2e-4, ema_rate=0.99,
                     grad_clip=1.0, epochs=30, time_weight_power=3.0, log_every=25, save_every=250, eval_every=250)
 
@@ -309,7 +311,7 @@ def get_args(argv=None):
     g.add_argument("--overwrite", action="store_true", help="start over in an --out-dir that holds a checkpoint")
     g.add_argument("--max-steps", type=common.COUNT, default=None, help="stop after this many generator steps in all")
     g.add_argument("--seed", type=common.SEED, default=1)
-    g.add_argument("--device", default=None)
+    g.add_argument("--device", type=common.device_arg, default=None)
     common.add_run_flags(g)
     g = p.add_argument_group("data (as train_mar.py)")
     g.add_argument("--data-path", default=None)
@@ -345,7 +347,7 @@ def get_args(argv=None):
     g.add_argument("--epochs", type=common.COUNT, default=30)
     g.add_argument("--lr-g", type=common.POSITIVE, default=5e-6, help="student lr")
     g.add_argument("--lr-aux", type=common.POSITIVE, default=5e-6, help="auxiliary lr")
-    g.add_argument("--betas", type=common.FRACTION, nargs=2, default=(0.0, 0.999), help="AdamW betas of both (note 6)")
+    g.add_argument("--betas", type=common.BETA, nargs=2, default=(0.0, 0.999), help="AdamW betas of both (note 6)")
     g.add_argument("--grad-clip", type=common.POSITIVE, default=1.0)
     g.add_argument("--ema-rate", type=common.FRACTION, default=0.9999)
     g.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
@@ -386,7 +388,8 @@ def main(argv=None):
     args = get_args(argv)
     common.input_path("--teacher", args.teacher, "the teacher's MAR checkpoint (official or train_mar.py's)")
     data.check_source(args)
-    rank, world, device, bsz = common.start_run(args, [("--teacher", args.teacher)])
+    rank, world, device, bsz = common.start_run(args, [("--teacher", args.teacher)],
+                                                ("grid_teacher.png", "grid_student.png"))
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     # -- the teacher, read before anything else is done (the toy: its VAE and size are inside its checkpoint) ----------
@@ -424,9 +427,12 @@ def main(argv=None):
 
     step = 0
     ckpt_path = os.path.join(args.out_dir, "checkpoint-last.pth")
+    record = common.run_record("distill_gsim.py", args, RESUME_KEYS,
+                               {"--teacher": (args.teacher, common.fingerprint(teacher.state_dict()))})
     if args.resume and os.path.exists(ckpt_path):
         with common.reading("--resume", ckpt_path):
             ck = mar.read_checkpoint(ckpt_path)
+            common.check_record(ck, record, ckpt_path)
             load_full(student or student_head, ck["model"], ckpt_path)
             load_full(ema, ck["model_ema"], ckpt_path + " [model_ema]")
             mar.load_state_dict_strict(aux, ck["aux"], ckpt_path + " [aux]")
@@ -435,10 +441,14 @@ def main(argv=None):
             step = ck["step"]
         common.print0(f"resumed from {ckpt_path} at step {step}")
 
+    diverged = f"lower --lr-g (now {args.lr_g}) and --lr-aux (now {args.lr_aux})"
+
     def save():
+        common.assert_finite(student or student_head, diverged)  # every rank: the same weights, the same verdict
         if common.is_main():
             extra = data.toy_entries(toy_tok, teacher_config) if toy_tok else {}  # passed on to RL and sampling
-            common.save_checkpoint(ckpt_path, {"kind": "student", "model": full_state(student or student_head),
+            common.save_checkpoint(ckpt_path, {"kind": "student", "record": record,
+                                               "model": full_state(student or student_head),
                                                "model_ema": full_state(ema), "aux": aux.state_dict(),
                                                "optimizer": opt_g.state_dict(), "optimizer_aux": opt_a.state_dict(),
                                                "step": step, "args": vars(args), **extra})
@@ -458,7 +468,7 @@ def main(argv=None):
     # -- loop ------------------------------------------------------------------------------------------------------
     last = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
     common.check_run_length(last, world)
-    log = common.RunLog(args.out_dir, last, step, "distill_gsim")
+    log = common.RunLog(args.out_dir, last, step, "distill_gsim", diverged=diverged)
     control = common.StepControl(args.save_minutes)
     aux.train()
     workers = 0 if args.preset == "toy" else args.num_workers

@@ -522,10 +522,17 @@ def load_samples(path):
             arr, labels = d["arr_0"], (d["labels"] if "labels" in d else None)
     # Floats would be silently rescaled differently by every tool; ADM's evaluator and torch-fidelity take uint8.
     if arr.dtype != np.uint8:
-        raise ValueError(f"samples must be uint8 in [0, 255], got {arr.dtype} (save rounded uint8, not floats)")
+        lo, hi = (arr.min(), arr.max()) if arr.size else (0, 0)
+        raise ValueError(f"samples must be uint8 in [0, 255], got {arr.dtype} with values from {lo:.4g} to {hi:.4g} "
+                         "(save rounded uint8, not floats)")
     arr = arr[..., None] if arr.ndim == 3 else arr
     if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
         raise ValueError(f"samples must be (N, H, W, 3) or (N, H, W, 1), got {arr.shape}")
+    if len(arr) and arr.max() == 1:  # 0s and 1s only (all-black images are possible samples; this is not)
+        raise ValueError("every value is 0 or 1: images in [0, 1] saved as uint8? save (x * 255).round() as uint8")
+    if labels is not None and (labels.shape != (len(arr),) or not np.issubdtype(labels.dtype, np.integer)):
+        raise ValueError(f"'labels' is {labels.dtype} {labels.shape} for {len(arr)} images: give one integer class "
+                         "per image")
     return arr, labels
 
 
@@ -576,7 +583,7 @@ def main(argv=None):
     p.add_argument("--imagereward-weights", default=None, help="local ImageReward.pt (THUDM/ImageReward)")
     p.add_argument("--imagereward-tokenizer", default=None, help="local bert-base-uncased folder (its tokenizer)")
     p.add_argument("--batch-size", type=common.COUNT, default=50)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=common.device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write the numbers here")
     args = p.parse_args(argv)
     if bool(args.clip_model) != bool(args.clip_weights):
@@ -592,12 +599,18 @@ def main(argv=None):
     if not os.path.exists(args.samples):
         raise common.UsageError(f"--samples {args.samples}: no such file or folder; give sample.py's samples.npz "
                                 "or a folder of PNGs")
+    common.check_outputs([("--json", args.json)], [(f, getattr(args, f[2:].replace("-", "_"))) for f in (
+        "--samples", "--ref-stats", "--inception-weights", "--clip-weights", "--imagereward-weights", "--classifier")])
     with common.reading("--samples", args.samples):
         arr, labels = load_samples(args.samples)
     out = {"samples": args.samples, "num_images": len(arr)}
     if labels is None and (args.toy or text_image):
         raise common.UsageError(f"--samples {args.samples} holds no class labels, which --toy and the text-image "
                                 "scores need: give the samples.npz that sample.py writes")
+    classes = 10 if args.toy else 1000  # the toy's digits; ImageNet's classes, whose names are the prompts
+    if labels is not None and len(labels) and not 0 <= labels.min() <= labels.max() < classes:
+        raise common.UsageError(f"--samples {args.samples}: labels from {labels.min()} to {labels.max()}, outside the "
+                                f"{classes} classes {'of the toy' if args.toy else 'of ImageNet'}")
     if args.imagereward_weights:  # cheap checks before the expensive loads
         common.input_path("--imagereward-weights", args.imagereward_weights, "the released ImageReward.pt")
         common.input_path("--imagereward-tokenizer", args.imagereward_tokenizer, "a local bert-base-uncased folder",

@@ -689,6 +689,10 @@ def load_mar(path, model, use_ema=True, verbose=True, expect=None):
     expect: "teacher" or "student" to refuse the other kind (`checkpoint_kind`). Returns the model.
     """
     ckpt = read_checkpoint(path)
+    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        raise ValueError(f"{path!r} is a bare state dict ({len(ckpt)} tensors, e.g. {next(iter(ckpt))!r}), not a "
+                         "checkpoint: save it as torch.save({'model': state_dict, 'kind': 'teacher' or 'student'}, "
+                         "path), the format every stage writes")
     if not isinstance(ckpt, dict) or not ({"model", "model_ema"} & set(ckpt)):
         raise ValueError(f"{path!r} is not a MAR checkpoint: expected a dict with 'model' and/or 'model_ema'")
     kind = checkpoint_kind(ckpt)

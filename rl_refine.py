@@ -254,6 +254,9 @@ MAX_DRIFT = 0.025
 # time); a training step's image b from step_seed * STEP_STRIDE + b, distinct within a step while the per-rank
 # batch is below STEP_STRIDE (checked in main), and step seeds distinct over every (rank, step) of a run.
 HELDOUT_SEED, STEP_STRIDE = 90_000, 131
+# What defines an RL run besides its --student: --resume refuses a checkpoint made with other values.
+RESUME_KEYS = ("preset", "model", "img_size", "reward", "num_iter", "global_batch_size", "head_only", "reg_weight",
+               "seed")
 EVAL_CHUNK = 25  # held-out images per generation call: 400 are 16 chunks, two for each of 8 ranks
 TOY_DEFAULTS = dict(out_dir="runs/toy_rl", reward="toy", num_iter=4, global_batch_size=32, lr=2e-6,
                     reg_weight=1.0, max_steps=150, eval_every=25, log_every=5, save_every=25)
@@ -273,7 +276,7 @@ def get_args(argv=None):
     g.add_argument("--max-steps", type=common.COUNT, default=None,
                    help="default: --epochs x --epoch-size / global batch")
     g.add_argument("--seed", type=common.SEED, default=1)
-    g.add_argument("--device", default=None)
+    g.add_argument("--device", type=common.device_arg, default=None)
     common.add_run_flags(g)
     g = p.add_argument_group("reward")
     g.add_argument("--reward", choices=["pickscore", "clip", "imagereward", "toy"], default="pickscore")
@@ -365,7 +368,8 @@ def check_inputs(args):
 def main(argv=None):
     args = get_args(argv)
     check_inputs(args)
-    rank, world, device, bsz = common.start_run(args, [("--student", args.student)])
+    rank, world, device, bsz = common.start_run(args, [("--student", args.student)], ("reward_vs_fid.png",
+                                                                                      "grid_best.png"))
     if bsz >= STEP_STRIDE:  # the images of one step would share seeds
         raise common.UsageError(f"--global-batch-size {args.global_batch_size}: {bsz} per process; RL takes at most "
                                 f"{STEP_STRIDE - 1} per process (use more processes)")
@@ -401,19 +405,25 @@ def main(argv=None):
     total = args.max_steps or run_length(args)
     step, history, best = 0, [], None
     ckpt_path = os.path.join(args.out_dir, "checkpoint-last.pth")
+    record = common.run_record("rl_refine.py", args, RESUME_KEYS,
+                               {"--student": (args.student, common.fingerprint(reference.state_dict()))})
     if args.resume and os.path.exists(ckpt_path):
         with common.reading("--resume", ckpt_path):
             ck = mar.read_checkpoint(ckpt_path)
+            common.check_record(ck, record, ckpt_path)
             mar.load_state_dict_strict(policy, ck["model"], ckpt_path)
             mar.load_state_dict_strict(ema, ck["model_ema"], ckpt_path + " [model_ema]")
             opt.load_state_dict(ck["optimizer"])
             step, history, best = ck["step"], ck["history"], ck["best"]
         common.print0(f"resumed from {ckpt_path} at step {step}")
 
+    diverged = f"lower --lr (now {args.lr})"
+
     def save(path):
+        common.assert_finite(policy, diverged)  # every rank: the same weights, the same verdict
         if common.is_main():
             extra = data.toy_entries(tokenizer, data.toy_config_of(args.student)) if toy else {}
-            common.save_checkpoint(path, {"kind": "student", "model": policy.state_dict(),
+            common.save_checkpoint(path, {"kind": "student", "record": record, "model": policy.state_dict(),
                                           "model_ema": ema.state_dict(),
                                           "optimizer": opt.state_dict(), "step": step, "args": vars(args),
                                           "history": history, "best": best, **extra})
@@ -434,7 +444,7 @@ def main(argv=None):
 
     # -- loop ------------------------------------------------------------------------------------------------------
     common.check_run_length(total, world)
-    log = common.RunLog(args.out_dir, total, step, "rl_refine")
+    log = common.RunLog(args.out_dir, total, step, "rl_refine", diverged=diverged)
     control = common.StepControl(args.save_minutes)
     if step == 0 and args.eval_every:
         log.write(evaluate_now())  # the start: held-out reward (and toy FID) before any update

@@ -112,7 +112,7 @@ def get_args(argv=None):
     g.add_argument("--class-num", type=common.COUNT, default=None, help="default: the model's")
     g.add_argument("--batch-size", type=common.COUNT, default=64, help="per process")
     g.add_argument("--seed", type=common.SEED, default=0)
-    g.add_argument("--device", default=None)
+    g.add_argument("--device", type=common.device_arg, default=None)
     common.add_run_flags(g, checkpoints=False)
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="autocast of the sampler (MAR evaluates in fp16); default: see PRECISION_DEFAULT")
@@ -131,6 +131,10 @@ def main(argv=None):
         common.input_path("--vae", args.vae, "the local kl16.ckpt")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise common.UsageError(f"--out-dir {args.out_dir} is a file; give a folder for the images")
+    common.check_outputs([("--json", args.json or os.path.join(args.out_dir, "sample.json")),
+                          ("--out-dir", os.path.join(args.out_dir, "samples.npz")),
+                          ("--out-dir", os.path.join(args.out_dir, "grid.png"))],
+                         [("--ckpt", args.ckpt), ("--vae", args.vae)])
     rank, world, device = common.setup_distributed(args.device, args.dist_timeout)
     precision = args.precision or PRECISION_DEFAULT[device.type]
 

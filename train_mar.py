@@ -106,6 +106,9 @@ def lr_at(step, total, warmup, base, schedule, min_lr):
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
+# What defines a teacher-training run: --resume refuses a checkpoint made with other values (common.check_record).
+RESUME_KEYS = ("preset", "model", "toy_size", "img_size", "global_batch_size", "diffloss_d", "diffloss_w",
+               "mask_ratio_min", "diffusion_batch_mul", "seed")
 TOY_DEFAULTS = dict(out_dir="runs/toy_teacher", global_batch_size=64, lr=1e-3, lr_schedule="cosine", min_lr=1e-5,
                     warmup_epochs=5, epochs=380, weight_decay=0.02, ema_rate=0.999, ema_warmup=True, grad_clip=3.0,
                     log_every=50, save_every=500)
@@ -121,7 +124,7 @@ def get_args(argv=None):
     g.add_argument("--overwrite", action="store_true", help="start over in an --out-dir that holds a checkpoint")
     g.add_argument("--max-steps", type=common.COUNT, default=None, help="stop after this many optimizer steps in all")
     g.add_argument("--seed", type=common.SEED, default=1)
-    g.add_argument("--device", default=None, help="cuda if available, else cpu")
+    g.add_argument("--device", type=common.device_arg, default=None, help="cuda if available, else cpu")
     common.add_run_flags(g)
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="class-folder images (ImageNet train), encoded on the fly")
@@ -192,7 +195,7 @@ def main(argv=None):
     # Setup
     # ------------------------------------------------------------------------------------------------------------
     data.check_source(args)
-    rank, world, device, bsz = common.start_run(args)
+    rank, world, device, bsz = common.start_run(args, outputs=("grid.png",))
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if args.preset == "toy" and args.eval_images > 0 and os.path.exists(args.classifier):
         with common.reading("--classifier", args.classifier):  # read now, not after training
@@ -225,9 +228,11 @@ def main(argv=None):
     base_lr = args.lr if args.lr is not None else args.blr * args.global_batch_size / 256
     opt = build_optimizer(model, base_lr, args.weight_decay)
     step = 0
+    record = common.run_record("train_mar.py", args, RESUME_KEYS)
     if args.resume and os.path.exists(ckpt_path):
         with common.reading("--resume", ckpt_path):
             ck = mar.read_checkpoint(ckpt_path)
+            common.check_record(ck, record, ckpt_path)
             mar.load_state_dict_strict(model, ck["model"], ckpt_path)
             mar.load_state_dict_strict(ema, ck["model_ema"], ckpt_path + " [model_ema]")
             opt.load_state_dict(ck["optimizer"])
@@ -235,11 +240,14 @@ def main(argv=None):
         common.print0(f"resumed from {ckpt_path} at step {step}")
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
 
+    diverged = f"lower {'--lr' if args.lr is not None else '--blr'} (now {args.lr or args.blr})"
+
     def save():
+        common.assert_finite(model, diverged)  # every rank: the same weights, the same verdict
         if common.is_main():
             # a toy checkpoint carries its VAE and its configuration (data.toy_entries)
             extra = data.toy_entries(toy_tok, toy_model_config(args)) if toy_tok else {}
-            common.save_checkpoint(ckpt_path, {"kind": "teacher", "model": model.state_dict(),
+            common.save_checkpoint(ckpt_path, {"kind": "teacher", "record": record, "model": model.state_dict(),
                                                "model_ema": ema.state_dict(),
                                                "optimizer": opt.state_dict(), "step": step, "args": vars(args),
                                                **extra})
@@ -249,7 +257,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------------
     last = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
     common.check_run_length(last, world)
-    log = common.RunLog(args.out_dir, last, step, "train_mar", batch=args.global_batch_size)
+    log = common.RunLog(args.out_dir, last, step, "train_mar", batch=args.global_batch_size, diverged=diverged)
     control = common.StepControl(args.save_minutes)
     model.train()
     workers = 0 if args.preset == "toy" else args.num_workers

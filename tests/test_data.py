@@ -100,8 +100,11 @@ def test_empty_or_missing_image_folder_is_a_clear_error(tmp_path):
         data.ImageFolder(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.ImageFolder(str(tmp_path / "missing"))
-    with pytest.raises(ValueError, match="no cached latents"):
+    with pytest.raises(ValueError, match="notes.txt' is not a cache entry"):  # a stray file, by path
         data.CachedLatents(str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no cached latents"):
+        data.CachedLatents(str(tmp_path / "empty"))
 
 
 def test_latent_cache_roundtrip(tmp_path, monkeypatch):
@@ -112,7 +115,7 @@ def test_latent_cache_roundtrip(tmp_path, monkeypatch):
     small = vae.AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=32).eval()
     monkeypatch.setattr(vae, "load_vae", lambda path: small)
     args = argparse.Namespace(data_path=str(tmp_path / "imgs"), vae="unused", out_dir=str(tmp_path / "cache"),
-                              img_size=32, batch_size=2, device="cpu")
+                              img_size=32, batch_size=2, device="cpu", num_workers=0, bad_images="stop")
     data.cache_latents(args)
     ds = data.CachedLatents(str(tmp_path / "cache"))
     assert len(ds) == 2

@@ -4,6 +4,7 @@ traceback), naming the flag; and no run writes over a checkpoint it did not make
 Kinds (each has tests): lost work, accepted nonsense, the form of the message, the diagnosis, late failure.
 """
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -216,3 +217,168 @@ def test_nothing_is_written_when_an_input_is_missing(tmp_path, capsys):
                                 "--out-dir", str(out)], capsys)
     refused(train_mar.main, ["--data-path", str(tmp_path / "missing"), "--vae", "v", "--out-dir", str(out)], capsys)
     assert not out.exists()
+
+
+# ---- 6. outputs never replace inputs; a resumed run is the same run; --overwrite leaves no stale files ------------
+
+def test_evaluate_never_writes_its_json_over_the_samples(tmp_path, capsys):
+    samples = tmp_path / "s.npz"
+    np.savez(samples, arr_0=np.full((20, 16, 16, 1), 100, np.uint8), labels=np.arange(20) % 10)
+    before = digest(samples)
+    err = refused(evaluate.main, ["--samples", str(samples), "--toy", "--json", str(samples)], capsys)
+    assert "--json" in err and "--samples" in err and digest(samples) == before
+
+
+def test_resume_with_another_teacher_or_from_another_stage_is_refused(toy_ckpt, tmp_path, capsys):
+    out = str(tmp_path / "gsim")
+    args = TOY + ["--global-batch-size", "8", "--out-dir", out]
+    distill_gsim.main(args + ["--teacher", toy_ckpt])
+    ckpt = os.path.join(out, "checkpoint-last.pth")
+    before = digest(ckpt)
+    other = tmp_path / "other.pth"  # another teacher: the same file with one weight changed
+    ck = mar.read_checkpoint(toy_ckpt)
+    ck["model_ema"] = {k: v + 0.01 if k == "fake_latent" else v for k, v in ck["model_ema"].items()}
+    torch.save(ck, other)
+    err = refused(distill_gsim.main, args + ["--teacher", str(other), "--resume", "--max-steps", "2"], capsys)
+    assert f"--teacher {os.path.abspath(toy_ckpt)}" in err and f"--teacher {other}" in err
+    err = refused(distill_gsim.main, args + ["--teacher", toy_ckpt, "--resume", "--max-steps", "2",
+                                             "--global-batch-size", "16"], capsys)
+    assert "--global-batch-size 8" in err and "--global-batch-size 16" in err
+    assert digest(ckpt) == before
+    teacher_run = tmp_path / "teacher_run"  # a train_mar.py folder given to GSIM's --resume
+    teacher_run.mkdir()
+    (teacher_run / "checkpoint-last.pth").write_bytes(open(toy_ckpt, "rb").read())
+    err = refused(distill_gsim.main, TOY + ["--teacher", toy_ckpt, "--out-dir", str(teacher_run), "--resume"], capsys)
+    assert "written by train_mar.py, not distill_gsim.py" in err
+
+
+def test_overwrite_removes_what_the_old_run_left(toy_student_ckpt, toy_classifier_file, tmp_path):
+    out = tmp_path / "rl"
+    out.mkdir()
+    for name in ("checkpoint-last.pth", "checkpoint-best.pth", "checkpoint-last.pth.tmp123"):
+        (out / name).write_bytes(open(toy_student_ckpt, "rb").read())
+    (out / "log.jsonl").write_text('{"step": 900, "reward": -1.0}\n')
+    rl_refine.main(["--preset", "toy", "--student", toy_student_ckpt, "--out-dir", str(out), "--max-steps", "1",
+                    "--eval-every", "0", "--global-batch-size", "2", "--classifier", toy_classifier_file,
+                    "--overwrite"])
+    assert sorted(os.listdir(out)) == ["checkpoint-last.pth", "log.jsonl"]  # the old best and the temp file: gone
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1]
+
+
+# ---- 7. folders and sample files as they come -------------------------------------------------------------------
+
+def image_tree(root, ext=".JPEG", classes=("n1", "n2"), n=2):
+    from PIL import Image
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (40, 40), (60 * i, 90, 30)).save(root / c / f"{i}{ext}")
+
+
+def test_imagenet_root_for_its_train_folder_and_upper_case_extensions(tmp_path, capsys):
+    import data
+    image_tree(tmp_path / "imagenet" / "train")
+    image_tree(tmp_path / "imagenet" / "val")
+    with pytest.raises(ValueError, match="train.*give the folder whose sub-folders are the classes"):
+        data.find_images(str(tmp_path / "imagenet"))
+    image_tree(tmp_path / "upper", ext=".JPG")
+    (tmp_path / "upper" / "n1" / "notes.txt").write_text("x")
+    classes, items, skipped = data.find_images(str(tmp_path / "upper"))
+    assert len(items) == 4 and classes == ["n1", "n2"]
+    line = data.describe_images("upper", classes, items, skipped)
+    assert "2 classes, 4 images (2 to 2 per class" in line and "1 files skipped" in line and "notes.txt" in line
+
+
+def test_sixteen_bit_palette_and_cmyk_images_are_converted_right(tmp_path):
+    import data
+    from PIL import Image
+    grey16 = Image.fromarray(np.full((8, 8), 32896, np.uint16))  # 50% grey in 16 bits (PIL's convert clips it)
+    assert np.array(data.to_rgb(grey16))[0, 0].tolist() == [128, 128, 128]
+    pal = Image.new("RGB", (8, 8), (200, 10, 10)).convert("P", palette=Image.Palette.ADAPTIVE)
+    assert np.array(data.to_rgb(pal))[0, 0].tolist() == [200, 10, 10]
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red
+    assert np.array(data.to_rgb(cmyk))[0, 0].tolist() == [255, 0, 0]
+
+
+@pytest.mark.parametrize("arr, labels, words", [
+    (np.random.default_rng(0).integers(0, 2, (20, 16, 16, 1)).astype(np.uint8), np.arange(20) % 10, "0 or 1"),
+    (np.full((20, 16, 16, 1), 100, np.uint8), np.arange(19) % 10, "for 20 images"),
+    (np.full((20, 16, 16, 1), 100, np.uint8), np.arange(20), "outside the 10 classes"),
+    (np.full((20, 16, 16, 1), 100.0), np.arange(20) % 10, "values from 100 to 100"),
+])
+def test_sample_files_with_wrong_values_or_labels_are_refused(arr, labels, words, tmp_path, capsys):
+    np.savez(tmp_path / "s.npz", arr_0=arr, labels=labels)
+    err = refused(evaluate.main, ["--samples", str(tmp_path / "s.npz"), "--toy"], capsys)
+    assert "--samples" in err and words in err
+
+
+# ---- 8. checked before the first expensive step ----------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, words", [
+    (["--device", "gpu"], "'gpu' is not a device"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2 ** 32)], "--seed"),
+    (["--betas", "0.9", "1.0"], "--betas"),
+])
+def test_device_seed_and_betas_are_checked_by_their_flags(flags, words, toy_ckpt, tmp_path, capsys):
+    if flags[-1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    err = refused(distill_gsim.main, TOY + ["--teacher", toy_ckpt, "--out-dir", str(tmp_path / "o")] + flags, capsys)
+    assert words in err and not (tmp_path / "o").exists()
+
+
+def test_an_out_dir_that_cannot_be_made_is_refused_before_work(toy_ckpt, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = refused(distill_gsim.main, TOY + ["--teacher", toy_ckpt, "--out-dir", str(tmp_path / "file" / "run")],
+                  capsys)
+    assert "--out-dir" in err and "is a file" in err
+
+
+def test_a_bare_state_dict_is_named_as_such(toy_ckpt, tmp_path, capsys):
+    torch.save(mar.read_checkpoint(toy_ckpt)["model"], tmp_path / "sd.pth")
+    err = refused(sample.main, ["--preset", "toy", "--ckpt", str(tmp_path / "sd.pth"), "--one-step",
+                                "--out-dir", str(tmp_path / "o")], capsys)
+    assert "bare state dict" in err
+
+
+# ---- 9. faults of long runs ---------------------------------------------------------------------------------------
+
+def test_a_diverged_run_stops_naming_the_flag_and_keeps_its_last_finite_checkpoint(toy_vae_file, tmp_path, capsys,
+                                                                                   monkeypatch):
+    real, calls = train_mar.train_step, [0]
+
+    def step(*a, **kw):  # the third step's loss is NaN
+        calls[0] += 1
+        loss, norm = real(*a, **kw)
+        return (loss * float("nan"), norm) if calls[0] == 3 else (loss, norm)
+    monkeypatch.setattr(train_mar, "train_step", step)
+    out = tmp_path / "t"
+    err = refused(train_mar.main, ["--preset", "toy", "--toy-vae", toy_vae_file, "--eval-images", "0", "--max-steps",
+                                   "5", "--global-batch-size", "8", "--log-every", "1", "--save-every", "1",
+                                   "--out-dir", str(out)], capsys)
+    assert "non-finite loss" in err and "--lr" in err
+    assert mar.read_checkpoint(str(out / "checkpoint-last.pth"))["step"] == 2
+
+
+def test_a_full_disk_is_named_and_the_log_matches_the_checkpoint(toy_vae_file, tmp_path, capsys, monkeypatch):
+    import errno
+    real, calls = torch.save, [0]
+
+    def save(obj, path, *a, **kw):  # the second checkpoint does not fit on the disk
+        calls[0] += 1
+        if calls[0] == 2:
+            open(path, "wb").write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, path, *a, **kw)
+    out = tmp_path / "t"
+    argv = ["--preset", "toy", "--toy-vae", toy_vae_file, "--eval-images", "0", "--max-steps", "4",
+            "--global-batch-size", "8", "--log-every", "1", "--save-every", "2", "--out-dir", str(out)]
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", save)
+        err = refused(train_mar.main, argv, capsys)
+    assert "no space left on device" in err and "checkpoint-last.pth" in err
+    assert sorted(os.listdir(out)) == ["checkpoint-last.pth", "log.jsonl"]  # no temporary file left behind
+    assert mar.read_checkpoint(str(out / "checkpoint-last.pth"))["step"] == 2
+    train_mar.main(argv + ["--resume"])
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3, 4]

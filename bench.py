@@ -432,6 +432,7 @@ def main(argv=None):
     g = p.add_argument_group("launch counts")
     g.add_argument("--launch-counts", action="store_true", help="kernel launches per image at batch 1")
     args = p.parse_args(argv)
+    common.check_outputs([("--json", args.json)], [])  # its folder writable: checked before minutes of work
     if args.dry_run or args.launch_counts:
         if args.model not in MAR_CFG:
             p.error(f"--dry-run and --launch-counts take a released model (mar_base, mar_large, mar_huge), "

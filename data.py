@@ -19,6 +19,7 @@ Commands (the cache is resumable: the same command again skips every image alrea
     python data.py toy-grid --out toy_real.png                                               # look at the toy data
 """
 import argparse
+import json
 import os
 import time
 
@@ -155,11 +156,12 @@ class CachedLatents(torch.utils.data.Dataset):
     def __init__(self, root):
         files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs)
         # Anything else in the cache would be read as latents, or ends the run hours later: refused now, by path.
-        stray = [f for f in files if not f.endswith(".npz") or f.endswith(".tmp.npz")]
+        stray = [f for f in files if (not f.endswith(".npz") or f.endswith(".tmp.npz"))
+                 and f != os.path.join(root, "cache.json")]  # the manifest `data.py cache` writes
         if stray:
             raise ValueError(f"{stray[0]!r} is not a cache entry ({len(stray)} such files under {root!r}; a .tmp.npz "
                              "is a write a killed `data.py cache` left): remove them, or run the cache again")
-        self.files = files
+        self.files = [f for f in files if f.endswith(".npz")]
         if not self.files:
             raise ValueError(f"no cached latents (.npz) under {root!r}; write them with `python data.py cache`")
         with np.load(self.files[0]) as d:
@@ -442,13 +444,28 @@ def cache_latents(args):
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     ds = ImageFolder(args.data_path, args.img_size, flip=False)
+    ae = vae_lib.load_vae(args.vae).to(device).eval()
+    # The cache's manifest: a rerun only fills in what is missing, so it must encode with the same VAE at the same size
+    manifest = {"vae": common.fingerprint(ae.state_dict()), "img_size": args.img_size}
+    path = os.path.join(args.out_dir, "cache.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            made = json.load(f)
+        if made != manifest:
+            raise common.UsageError(f"--out-dir {args.out_dir} holds a cache made with VAE weights {made['vae']} at "
+                                    f"--img-size {made['img_size']}; this run has {manifest['vae']} at "
+                                    f"{args.img_size}: give that VAE and size to complete it, or another --out-dir")
+    elif rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(manifest, f)
+        os.replace(path + ".tmp", path)
     mine = range(rank, len(ds), world)
     todo = [i for i in mine if not os.path.exists(cache_path(args, ds.items[i]))]
     skipped = len(mine) - len(todo)
     if skipped:
         print(f"rank {rank}: {skipped} of its {len(mine)} images are cached already; encoding the other {len(todo)}",
               flush=True)
-    ae = vae_lib.load_vae(args.vae).to(device).eval()
     loader = torch.utils.data.DataLoader(_Readable(ds, todo), batch_size=args.batch_size,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
     t0, done = time.time(), 0

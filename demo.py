@@ -217,6 +217,9 @@ def parse(p, argv):
 
 def main(argv=None):
     args = parse(build_parser(), argv)
+    if os.path.isfile(args.out_dir):
+        raise common.UsageError(f"--out-dir {args.out_dir} is a file; give a folder for the demo's runs")
+    common.writable_folder("--out-dir", args.out_dir)
     os.makedirs(args.out_dir, exist_ok=True)
     t0 = time.time()
     d, clf, seconds = run_stages(args)

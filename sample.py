@@ -25,10 +25,12 @@ which the main process joins into samples.npz (and deletes) after the process gr
 import argparse
 import json
 import os
+import shutil
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 import data
@@ -55,6 +57,17 @@ def labels_for(n, class_num):
 def to_uint8(images):
     """[-1, 1] floats (B, C, H, W) -> uint8 (B, H, W, C), clipped and ROUNDED (not truncated)."""
     return ((images.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def earlier_samples(out_dir):
+    """What an earlier run left in `out_dir` that a reader would take for this run's: images/, samples.npz, the
+    grid, the JSON and any shard."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = ["samples.npz", "grid.png", "sample.json"] + [f for f in os.listdir(out_dir) if f.startswith("shard-")]
+    found = [os.path.join(out_dir, f) for f in names if os.path.exists(os.path.join(out_dir, f))]
+    images = os.path.join(out_dir, "images")
+    return found + ([images] if os.path.isdir(images) and os.listdir(images) else [])
 
 
 def labelled_grid(arr, labels, path, n=32, ncol=8):
@@ -117,6 +130,7 @@ def get_args(argv=None):
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="autocast of the sampler (MAR evaluates in fp16); default: see PRECISION_DEFAULT")
     g.add_argument("--out-dir", required=True)
+    g.add_argument("--overwrite", action="store_true", help="replace the samples an earlier run left in --out-dir")
     g.add_argument("--json", default=None, help="default: OUT_DIR/sample.json")
     args = p.parse_args(argv)
     if args.preset != "toy" and not args.vae:
@@ -131,6 +145,11 @@ def main(argv=None):
         common.input_path("--vae", args.vae, "the local kl16.ckpt")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise common.UsageError(f"--out-dir {args.out_dir} is a file; give a folder for the images")
+    img_dir = os.path.join(args.out_dir, "images")
+    old = earlier_samples(args.out_dir)
+    if old and not args.overwrite:  # an earlier run's images beside this run's would be read as this run's
+        raise common.UsageError(f"--out-dir {args.out_dir} already holds samples ({os.path.basename(old[0])}): "
+                                "pass --overwrite to replace them, or give another --out-dir")
     common.check_outputs([("--json", args.json or os.path.join(args.out_dir, "sample.json")),
                           ("--out-dir", os.path.join(args.out_dir, "samples.npz")),
                           ("--out-dir", os.path.join(args.out_dir, "grid.png"))],
@@ -161,7 +180,11 @@ def main(argv=None):
     if (args.class_num or 0) > model.class_num:
         raise common.UsageError(f"--class-num {args.class_num} is more than the model's {model.class_num} classes")
     labels = labels_for(args.num_images, args.class_num or model.class_num)
-    img_dir = os.path.join(args.out_dir, "images")
+    if common.is_main():  # --overwrite: the earlier run's files go before this run writes any
+        for f in old:
+            shutil.rmtree(f) if os.path.isdir(f) else os.remove(f)
+    if dist.is_initialized():
+        dist.barrier()  # before any rank writes into the folder the main process empties
     os.makedirs(img_dir, exist_ok=True)
     mode = "one-step (MARVAL)" if args.one_step else f"teacher, {args.num_diffusion_steps} head steps"
     common.print0(f"sampling {args.num_images} images, {mode}, K={args.num_iter}, cfg {args.cfg} "

@@ -382,3 +382,33 @@ def test_a_full_disk_is_named_and_the_log_matches_the_checkpoint(toy_vae_file, t
     assert mar.read_checkpoint(str(out / "checkpoint-last.pth"))["step"] == 2
     train_mar.main(argv + ["--resume"])
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3, 4]
+
+
+def test_sampling_into_a_folder_of_earlier_samples_needs_overwrite(toy_student_ckpt, tmp_path, capsys):
+    out = tmp_path / "s"
+    argv = ["--preset", "toy", "--ckpt", toy_student_ckpt, "--one-step", "--num-iter", "2", "--out-dir", str(out)]
+    sample.main(argv + ["--num-images", "20"])
+    before = digest(out / "samples.npz")
+    err = refused(sample.main, argv + ["--num-images", "10"], capsys)
+    assert "already holds samples" in err and "--overwrite" in err and digest(out / "samples.npz") == before
+    sample.main(argv + ["--num-images", "10", "--overwrite"])
+    assert len(os.listdir(out / "images")) == 10  # none of the earlier run's 20 PNGs is left
+
+
+def test_completing_a_latent_cache_with_another_vae_is_refused(tmp_path, capsys, monkeypatch):
+    import argparse
+    import data
+    import vae
+    image_tree(tmp_path / "imgs")
+    small = lambda seed: vae.AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                                           resolution=32).eval()
+    args = argparse.Namespace(data_path=str(tmp_path / "imgs"), vae="v", out_dir=str(tmp_path / "cache"),
+                              img_size=32, batch_size=2, device="cpu", num_workers=0, bad_images="stop")
+    torch.manual_seed(0)
+    monkeypatch.setattr(vae, "load_vae", lambda path, m=small(0): m)
+    data.cache_latents(args)
+    torch.manual_seed(1)
+    monkeypatch.setattr(vae, "load_vae", lambda path, m=small(1): m)
+    with pytest.raises(common.UsageError, match="made with VAE weights"):
+        data.cache_latents(args)
+    assert len(data.CachedLatents(args.out_dir)) == 4  # the manifest is not a stray file

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import datetime
 import errno
+import hashlib
 import json
 import math
 import os
@@ -295,7 +296,6 @@ def check_outputs(writes, reads):
 def fingerprint(state_dict):
     """A short digest of a model's weights (per tensor: name, shape, float64 sum and sum of squares): the same for the
     same weights wherever the file lies, different after any training step."""
-    import hashlib
     h = hashlib.sha1()
     for k, v in state_dict.items():
         if torch.is_tensor(v) and v.is_floating_point():
@@ -310,9 +310,6 @@ def run_record(stage, args, keys, inputs=None):
     ({flag: (path, fingerprint)}), checked by `check_record` on --resume."""
     return {"stage": stage, "args": {k: getattr(args, k) for k in keys},
             "inputs": {flag: [os.path.abspath(p) if p else p, fp] for flag, (p, fp) in (inputs or {}).items()}}
-
-
-STAGE_OF_KIND = {"teacher": "train_mar.py"}
 
 
 def check_record(ck, record, path):
@@ -397,7 +394,7 @@ class RunLog:
             kept = []
             if initial and os.path.exists(path):
                 with open(path) as f:
-                    kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= initial]
+                    kept = [line for line in f if _logged_step(line) <= initial]
             with open(path, "w") as f:
                 f.writelines(kept)
             self.file = open(path, "a")
@@ -424,8 +421,8 @@ class RunLog:
         return dict(zip(names, (flat / self.n).tolist()))
 
     def flush(self, step, **extra):
-        """Write the interval's record; returns it. A non-finite mean (a diverged loss) raises FloatingPointError on
-        every rank alike, before the caller saves: the last checkpoint on disk is a finite one."""
+        """Write the interval's record; returns it. A non-finite mean (a diverged loss) raises a UsageError on every
+        rank alike, before the caller saves: the last checkpoint on disk is a finite one."""
         rec = self.read()
         seconds = (time.time() - self.t0) / max(1, self.n)
         rec.update(step=step, sec_per_step=seconds, **extra)
@@ -449,6 +446,14 @@ class RunLog:
         if self.on:
             self.bar.close()
             self.file.close()
+
+
+def _logged_step(line):
+    """The step of one log.jsonl line; a line cut short by a crash counts as past every step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
 
 
 class StepControl:

@@ -21,7 +21,7 @@ H100s. Minutes per model on 2 CPU cores: fake tensors cost ~0.2 ms an operator, 
 (default 2) of the head's 100 reverse steps per AR step (the same memory each; the time model extrapolates to 100).
 
 --launch-counts: kernel launches per image at batch 1 of the teacher and the student sampler (see that section).
---calibrate: the time model's fit on published times.
+--calibrate: the time model's fit on published times. --tf32-check: GSIM's Delta under emulated TF32 vs bf16.
 
     python bench.py                                   # mar_tiny, batch 1, K 16
     python bench.py --model mar_base --batch 1 --num-iter 64 --json bench_base_cpu.json
@@ -30,7 +30,7 @@ H100s. Minutes per model on 2 CPU cores: fake tensors cost ~0.2 ms an operator, 
     python bench.py --dry-run --model mar_base --stages rl --rl-num-iter 16
     python bench.py --launch-counts --model mar_base --json launches_b.json
     python bench.py --dry-run --model mar_base --stages sample_teacher sample_student --batch-sweep   # batches 16-1024
-    python bench.py --calibrate --json calibration.json
+    python bench.py --calibrate --json calibration.json && python bench.py --tf32-check --model mar_base
 """
 import argparse
 import contextlib
@@ -482,8 +482,7 @@ class WorkCount(LaunchCount):
 
 
 def step_seconds(work, gpu, tf32=False, u=None, t_launch=None):
-    """The time model on `work` ({precision: FLOPs, "launches": count}) and one `gpu` (tf32: its fp32 matmuls at the
-    TF32 peak too); u, t_launch: U[gpu] and T_LAUNCH unless given."""
+    """The time model on `work` ({precision: FLOPs, "launches": n}), one `gpu`; tf32: fp32 matmuls at the TF32 peak."""
     at_u1 = sum(work[p] / PEAK[gpu]["tf32" if p == "fp32" and tf32 else p] for p in PRECISIONS)  # seconds at u = 1
     return at_u1 / (u or U[gpu]) + work["launches"] * (T_LAUNCH if t_launch is None else t_launch)
 
@@ -586,6 +585,78 @@ def batch_sweep(name, rows, batches=(16, 32, 64, 128, 256, 512, 1024)):
     return out
 
 
+# ==== TF32 for GSIM's fp32 teacher and aux heads, emulated on a CPU ===============================================
+#
+# GSIM's loss keeps only the direction of Delta = eps_p - eps_phi (guided teacher minus aux eps, MARVAL arXiv:2511.15190
+# sec. 3), ~1% of a token's |eps| once the student converges: distill_gsim.GeneratorLoss runs both heads in fp32, as
+# bf16's 8-bit mantissa turns it. TF32 keeps fp32's exponent and 10 of its 23 mantissa bits in a matmul's factors
+# (exact products, fp32 sums) at 8x (A100) / 7x (H100) the fp32 peak. Does it keep the direction? Emulated here.
+
+def round_tf32(x):
+    """fp32 `x` rounded to TF32's 10-bit mantissa, to nearest, ties away from zero (cvt.rna.tf32.f32): on the int32
+    view, add half of the 13 dropped bits (0x1000), then clear them. A carry moves into the exponent, as it should."""
+    return ((x.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+class TF32Matmul(TorchDispatchMode):
+    """Every fp32 mm, addmm, bmm and baddbmm (what nn.Linear and matmul run) on TF32-rounded factors: a CPU stand-in
+    for a GPU with TF32 on. addmm's bias is added in fp32, as cuBLAS adds C."""
+    aten = torch.ops.aten
+    FACTORS = {aten.mm: (0, 1), aten.bmm: (0, 1), aten.addmm: (1, 2), aten.baddbmm: (1, 2)}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        factors = self.FACTORS.get(func._overloadpacket, ())
+        if factors and args[factors[0]].dtype == torch.float32:
+            args = tuple(round_tf32(a) if i in factors else a for i, a in enumerate(args))
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def tf32_check(net, rows=4096, targets=(0.04, 0.3), cfg=1.2, seed=0):
+    """Cosine, token by token, of GSIM's Delta with TF32 matmuls and with bf16 autocast against fp32.
+
+    net: a diffusion head (mar.SimpleMLPAdaLN) given random weights at a trained head's scale (Linear N(0, 1/fan_in),
+    biases N(0, 0.1^2), eps rescaled to unit variance: the official init zeroes the output). Teacher: `net`; aux: `net`
+    with every weight moved by s x its spread, and c_null = c + s x noise, s set so that the median |Delta| is each
+    `target` (0.04: a converged student; 0.3: early training). rows tokens, x_t ~ N(0, I), t ~ U{20..980}, c ~ N(0, I),
+    CFG `cfg` (GSIM's default). Per target: the median |Delta|, per precision the mean, 1% quantile and worst cosine."""
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=gen)
+    for m in (m for m in net.modules() if isinstance(m, torch.nn.Linear)):
+        m.weight.copy_(randn(m.weight.shape) / m.in_features ** 0.5)
+        m.bias.copy_(0.1 * randn(m.bias.shape))
+    C, Dz = net.in_channels, net.cond_embed.in_features
+    x, t, c, dc = randn(rows, C), torch.randint(20, 981, (rows,), generator=gen), randn(rows, Dz), randn(rows, Dz)
+    net.final_layer.linear.weight /= net(x, t, c)[:, :C].std()  # eps of unit variance, as a trained head's
+    aux, base = copy.deepcopy(net), [p.clone() for p in net.parameters()]
+    moves = [randn(p.shape) * (p.std() if p.numel() > 1 else 0.0) for p in base]
+
+    def delta(s, precision):  # (rows, C): Delta = eps_p - eps_phi with the heads' matmuls in `precision`
+        for p, p0, dp in zip(aux.parameters(), base, moves):
+            p.copy_(p0 + s * dp)
+        with TF32Matmul() if precision == "tf32" else contextlib.nullcontext(), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            eps_p = mar.guided_eps(net, x, t, c, c + s * dc, cfg)[:, :C]  # guided teacher (MARVAL Eq. 10), (rows, C)
+            eps_phi = aux(x, t, c)[:, :C]                                 # aux, (rows, C)
+        return eps_p.float() - eps_phi.float()                            # subtracted in fp32, as GSIM's loss does
+
+    levels = []
+    for target in targets:
+        s = 1e-2
+        for _ in range(2):  # |Delta| is about linear in s: two secant steps land within a few % of the target
+            s *= target / delta(s, "fp32").norm(dim=1).median().item()
+        ref = delta(s, "fp32")
+        levels.append({"target": target, "median_abs_delta": ref.norm(dim=1).median().item()})
+        for precision in ("tf32", "bf16"):
+            cos = torch.nn.functional.cosine_similarity(delta(s, precision), ref, dim=1)  # (rows,)
+            levels[-1][precision] = {"mean_cos": cos.mean().item(), "p01_cos": cos.quantile(0.01).item(),
+                                     "worst_cos": cos.min().item()}
+        print(f"median |Delta| {levels[-1]['median_abs_delta']:.3f}, cosine with fp32 (mean, worst): " + "; ".join(
+            f"{p} {levels[-1][p]['mean_cos']:.6f}, {levels[-1][p]['worst_cos']:.6f}" for p in ("tf32", "bf16")))
+    return {"head": f"{len(net.res_blocks)} blocks of width {net.cond_embed.out_features}", "rows": rows, "cfg": cfg,
+            "levels": levels}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mar_tiny", choices=list(mar.PRESETS) + ["toy"])
@@ -605,9 +676,10 @@ def main(argv=None):
     g.add_argument("--head-steps", type=common.COUNT, default=2,
                    help="reverse head steps run per AR step in teacher sampling")
     g.add_argument("--batch-sweep", action="store_true", help="also: sampling's seconds an image, batch 16 to 1024")
-    g = p.add_argument_group("launch counts, time model")
+    g = p.add_argument_group("launch counts, time model, TF32")
     g.add_argument("--launch-counts", action="store_true", help="kernel launches per image at batch 1")
     g.add_argument("--calibrate", action="store_true", help="fit the time model on published times")
+    g.add_argument("--tf32-check", action="store_true", help="GSIM's Delta with TF32 vs bf16 (the head of --model)")
     args = p.parse_args(argv)
     if args.dry_run or args.launch_counts:
         if args.model not in MAR_CFG:
@@ -616,6 +688,8 @@ def main(argv=None):
         out = dry_run(args) if args.dry_run else launch_counts(args.model, MAR_CFG[args.model])
     elif args.calibrate:
         out = calibrate()
+    elif args.tf32_check:
+        out = tf32_check(build(args.model).diffloss.net)
     else:
         args.num_iter = args.num_iter or 16
         out = speed(args, torch.device(args.device))

@@ -52,6 +52,9 @@ import evaluate
 import mar
 import rewards
 
+aten = torch.ops.aten  # the operators the dispatch modes below see
+
+
 def timed(fn, device, repeats):
     """Median wall time of fn() over `repeats` runs after one warm-up run."""
     # The warm-up run takes one-off costs out of the timing: CUDA context and kernel selection, allocator growth,
@@ -376,12 +379,9 @@ def dry_run(args):
         print(f"{'':15s} {f} TFLOP (bf16 + tf32 + fp32), {r['launches_per_step']} launches; mean mask ratio, this K: "
               f"{a[A100]:.3g} / {a[H100]:.3g} s a step, x {r['readme_steps']} = {h[A100]:.4g} / {h[H100]:.4g} h "
               f"(A100 / H100)", flush=True)
-    out = {"model": args.model, "device": "fake (no storage), bf16 autocast", "fit_gib": FIT_GIB,
-           "teacher_head_steps_run": args.head_steps, "time_model": {"peak": PEAK, "u": U, "t_launch": T_LAUNCH},
-           "stages": rows}
-    if args.batch_sweep:
-        out["batch_sweep"] = batch_sweep(args.model, rows)
-    return out
+    return {"model": args.model, "device": "fake (no storage), bf16 autocast", "fit_gib": FIT_GIB,
+            "teacher_head_steps_run": args.head_steps, "time_model": {"peak": PEAK, "u": U, "t_launch": T_LAUNCH},
+            "stages": rows, "batch_sweep": batch_sweep(args.model, rows) if args.batch_sweep else None}
 
 
 # ==== Launch counts: a GPU-free model of batch-1 latency ==========================================================
@@ -458,7 +458,6 @@ class WorkCount(LaunchCount):
     teacher and aux heads in the generator loss), "tf32" for a convolution (the FID Inception). "bf16": the rest,
     attention included: fake tensors on a CPU take attention's math path, in fp32, wherever the fused CPU kernel does
     not apply (dropout, the KL-16 decoder's head width 512); a GPU runs a flash / memory-efficient kernel in bf16."""
-    aten = torch.ops.aten
     FORMULAS = {**flop_counter.flop_registry,  # + the CPU attention kernel: a GPU's flash attention FLOPs
                 aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.sdpa_flop,
                 aten._scaled_dot_product_flash_attention_for_cpu_backward: flop_counter.sdpa_backward_flop}
@@ -472,7 +471,7 @@ class WorkCount(LaunchCount):
         formula = self.FORMULAS.get(func._overloadpacket)
         if formula is not None:
             dtype = next(a for a in args if isinstance(a, torch.Tensor)).dtype
-            batched = func._overloadpacket in (self.aten.bmm, self.aten.baddbmm)  # attention's math path, only
+            batched = func._overloadpacket in (aten.bmm, aten.baddbmm)  # attention's math path, only
             p = "bf16" if dtype != torch.float32 or batched else "tf32" if "conv" in func.__name__ else "fp32"
             self.flops[p] += formula(*args, **(kwargs or {}), out_val=out)
         return out
@@ -497,14 +496,12 @@ def mean_mask_ratio(stage):
 
 
 def average_work(stage, name, opts, work):
-    """`work`, one step of `stage` at `opts`, moved to the README command's average setting.
-
-    Training and GSIM draw a mask ratio a step; the dry run takes the worst, 1. Their FLOPs are linear in the masked
-    count (head rows, encoder tokens) but for the encoder's attention (a few %), so a step at the mean ratio has the
-    mean work to a fraction of a percent: counted there. Teacher sampling runs S = --head-steps of the head's 100
-    reverse steps; every head step has the same shapes, so w(100) = w(S) + (100 - S)(w(S + 1) - w(S)), exactly.
-    K is the dry run's (the README's unless --num-iter / --rl-num-iter say otherwise)."""
-    if stage.startswith(("train", "gsim")) and opts["mask_ratio"] != mean_mask_ratio(stage):
+    """`work`, one step of `stage` at `opts`, at the README command's average setting (K: the dry run's). Training
+    and GSIM draw a mask ratio a step (the dry run: the worst, 1); their FLOPs are linear in the masked count (head
+    rows, encoder tokens) but for the encoder's attention (a few %), so a step at the mean ratio has the mean work to
+    a fraction of a percent: counted there. Teacher sampling runs S = --head-steps of the head's 100 reverse steps,
+    all of the same shapes, so w(100) = w(S) + (100 - S)(w(S + 1) - w(S)) exactly."""
+    if stage.startswith(("train", "gsim")) and opts.get("mask_ratio", 1.0) != mean_mask_ratio(stage):
         return _count(stage, name, {**opts, "mask_ratio": mean_mask_ratio(stage)}, memory=False)[1]
     if stage == "sample_teacher":
         more = _count(stage, name, {**opts, "head_steps": opts["head_steps"] + 1}, memory=False)[1]
@@ -514,7 +511,7 @@ def average_work(stage, name, opts, work):
 
 # Published times, seconds a step (batch 1: an image): "fit" rows give the constants, "check" rows are kept out (the
 # model's error on them is its test). MAR's released trainer runs the head on all 4 x 256 rows of an image, masked or
-# not (ours: the masked ones, same loss), which its rows add (`calibrate`). MARVAL gives no K for its timing:
+# not (ours: the masked ones, same loss), which its rows add (`published_work`). MARVAL gives no K for its timing:
 # K = 128, its sampling setting, for both (docs/results.md, section 12, for K = 64 and 256).
 PR7, MAR_README, FIG1 = "LTH14/mar PR #7", "LTH14/mar README", "MARVAL (arXiv:2511.15190) Fig. 1 / project page"
 PUBLISHED = [  # (what, source, GPU, seconds, role, stage, model, opts)
@@ -534,20 +531,27 @@ PUBLISHED = [  # (what, source, GPU, seconds, role, stage, model, opts)
 ]
 
 
+def published_work(stage, name, opts):
+    """The work of a PUBLISHED run at its average setting; training as the released trainer runs it, with the head
+    on the unmasked rows too (~6 x the head's matmul weights a row: forward 2, backward 4)."""
+    opts = {**opts, "mask_ratio": mean_mask_ratio(stage)} if stage.startswith("train") else opts
+    _, work, batch, _, _ = _count(stage, name, opts, memory=False)
+    work = average_work(stage, name, opts, work)
+    if stage.startswith("train"):
+        with torch.device("meta"):
+            m = mar.PRESETS[name](**dict(zip(("diffloss_d", "diffloss_w"), opts.get("head", ()))))
+        weights = sum(lin.weight.numel() for lin in m.diffloss.net.modules() if isinstance(lin, torch.nn.Linear))
+        work["bf16"] += 6 * weights * m.diffusion_batch_mul * batch * (256 - math.ceil(256 * opts["mask_ratio"]))
+    return work
+
+
 def calibrate():
     """Fit the time model on PUBLISHED's "fit" rows; every row's model time and error. With x = 1 / u, each time is
     linear, t = a x + n t_launch (a: seconds at u = 1): the A100's FLOP-bound training step and launch-bound batch-1
     sampler give u(A100) and t_launch, then the H100 training figure u(H100) (no H100 figure is launch-bound)."""
     rows = []
     for what, source, gpu, published, role, stage, name, opts in PUBLISHED:
-        opts = {**opts, "mask_ratio": mean_mask_ratio(stage)} if stage.startswith("train") else opts
-        _, work, batch, _, _ = _count(stage, name, opts, memory=False)
-        work = average_work(stage, name, opts, work)
-        if stage.startswith("train"):  # + the head on the unmasked rows: ~6 x its matmul weights a row (fwd 2, bwd 4)
-            with torch.device("meta"):
-                m = mar.PRESETS[name](**dict(zip(("diffloss_d", "diffloss_w"), opts.get("head", ()))))
-            weights = sum(lin.weight.numel() for lin in m.diffloss.net.modules() if isinstance(lin, torch.nn.Linear))
-            work["bf16"] += 6 * weights * m.diffusion_batch_mul * batch * (256 - math.ceil(256 * opts["mask_ratio"]))
+        work = published_work(stage, name, opts)
         rows.append(dict(what=what, source=source, gpu=gpu, published=published, role=role, model=name, work=work,
                          at_u1=step_seconds(work, gpu, u=1, t_launch=0)))
     (f1, f2), h = [r for r in rows if r["role"] == "fit" and r["gpu"] == A100], rows[2]
@@ -601,7 +605,6 @@ def round_tf32(x):
 class TF32Matmul(TorchDispatchMode):
     """Every fp32 mm, addmm, bmm and baddbmm (what nn.Linear and matmul run) on TF32-rounded factors: a CPU stand-in
     for a GPU with TF32 on. addmm's bias is added in fp32, as cuBLAS adds C."""
-    aten = torch.ops.aten
     FACTORS = {aten.mm: (0, 1), aten.bmm: (0, 1), aten.addmm: (1, 2), aten.baddbmm: (1, 2)}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -619,7 +622,7 @@ def tf32_check(net, rows=4096, targets=(0.04, 0.3), cfg=1.2, seed=0):
     biases N(0, 0.1^2), eps rescaled to unit variance: the official init zeroes the output). Teacher: `net`; aux: `net`
     with every weight moved by s x its spread, and c_null = c + s x noise, s set so that the median |Delta| is each
     `target` (0.04: a converged student; 0.3: early training). rows tokens, x_t ~ N(0, I), t ~ U{20..980}, c ~ N(0, I),
-    CFG `cfg` (GSIM's default). Per target: the median |Delta|, per precision the mean, 1% quantile and worst cosine."""
+    CFG `cfg` (GSIM's default). Per target: the median |Delta|; per precision the cosine's mean, 1% quantile, worst."""
     gen = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=gen)
     for m in (m for m in net.modules() if isinstance(m, torch.nn.Linear)):
@@ -649,11 +652,10 @@ def tf32_check(net, rows=4096, targets=(0.04, 0.3), cfg=1.2, seed=0):
         levels.append({"target": target, "median_abs_delta": ref.norm(dim=1).median().item()})
         for precision in ("tf32", "bf16"):
             cos = torch.nn.functional.cosine_similarity(delta(s, precision), ref, dim=1)  # (rows,)
-            levels[-1][precision] = {"mean_cos": cos.mean().item(), "p01_cos": cos.quantile(0.01).item(),
-                                     "worst_cos": cos.min().item()}
+            levels[-1][precision] = dict(mean=cos.mean().item(), p01=cos.quantile(0.01).item(), worst=cos.min().item())
         print(f"median |Delta| {levels[-1]['median_abs_delta']:.3f}, cosine with fp32 (mean, worst): " + "; ".join(
-            f"{p} {levels[-1][p]['mean_cos']:.6f}, {levels[-1][p]['worst_cos']:.6f}" for p in ("tf32", "bf16")))
-    return {"head": f"{len(net.res_blocks)} blocks of width {net.cond_embed.out_features}", "rows": rows, "cfg": cfg,
+            f"{p} {levels[-1][p]['mean']:.6f}, {levels[-1][p]['worst']:.6f}" for p in ("tf32", "bf16")))
+    return {"head": f"{len(net.res_blocks)} x {net.cond_embed.out_features}", "rows": rows, "cfg": cfg,
             "levels": levels}
 
 
@@ -686,10 +688,8 @@ def main(argv=None):
             p.error(f"--dry-run and --launch-counts take a released model (mar_base, mar_large, mar_huge), "
                     f"got --model {args.model}")
         out = dry_run(args) if args.dry_run else launch_counts(args.model, MAR_CFG[args.model])
-    elif args.calibrate:
-        out = calibrate()
-    elif args.tf32_check:
-        out = tf32_check(build(args.model).diffloss.net)
+    elif args.calibrate or args.tf32_check:
+        out = calibrate() if args.calibrate else tf32_check(build(args.model).diffloss.net)
     else:
         args.num_iter = args.num_iter or 16
         out = speed(args, torch.device(args.device))

@@ -123,7 +123,10 @@ def get_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--num-images", type=common.COUNT, default=50000)
     g.add_argument("--class-num", type=common.COUNT, default=None, help="default: the model's")
-    g.add_argument("--batch-size", type=common.COUNT, default=64, help="per process")
+    # 256: at batch 1-64 the sampler is launch-bound (the time model of bench.py; docs/results.md section 12), so a
+    # larger batch costs little more per call: the teacher 1.6x (MAR-B) to 1.2x (MAR-H) faster an image than at 64,
+    # within 6-18% of 1024, at 17-22 GiB; MAR's own evaluation uses 256 (MAR-H: 128).
+    g.add_argument("--batch-size", type=common.COUNT, default=256, help="per process")
     g.add_argument("--seed", type=common.SEED, default=0)
     g.add_argument("--device", type=common.device_arg, default=None)
     common.add_run_flags(g, checkpoints=False)

@@ -46,7 +46,9 @@ Deliberate choices where the paper is silent:
      transformer (~172M parameters in its blocks, ~190 encoder and 320 decoder positions) over K = 64 AR steps for 2
      images is ~11 TFLOP forward, ~45 TFLOP with the backward and the per-step recomputation; the KL-16 decoder and
      PickScore's ViT-H/14 add ~3 TFLOP; ~48 TFLOP at ~40% of an A100's 312 TFLOP/s is ~0.4 s. So the default is
-     --epochs 5 over --epoch-size 1281167 (an estimate, not a GPU measurement: time a few steps on yours).
+     --epochs 5 over --epoch-size 1281167. The FLOPs agree with bench.py's count (46.8 TFLOP), but at 2 images per
+     GPU the step is launch-bound: ~145,000 kernel launches, which bench.py's time model prices at 2.2 s on an A100,
+     10 days for the default length (docs/results.md section 12). Time a few steps on yours and set --max-steps.
   3. EMA 0.9999 [Table 2] WITH a warm-up, decay min(0.9999, (1 + n) / (10 + n)) (--no-ema-warmup for the literal
      one): model_ema is what every tool loads, and a fixed 0.9999 keeps only 1 - 0.9999^n of n steps' updates
      (3% after 315 steps). With the warm-up a short run shows in model_ema; from step ~90,000 on it is the same EMA.

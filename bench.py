@@ -1,7 +1,6 @@
 """Speed and memory: MAR teacher vs MARVAL student sampling, the paper's sizes without a GPU, and launch counts.
 
-Speed (the default): random weights are fine (the work per call does not depend on the values). At the same
-architecture, batch and K:
+Speed (the default; random weights: the work does not depend on the values), at the same architecture, batch and K:
   * teacher = MAR's sampler: a 100-step diffusion head per token, CFG with the batch doubled (linear 2.9 for MAR-B),
   * student = MARVAL's sampler: one head call per token, cfg 1 (no doubled batch),
   * lower bound = K encoder+decoder passes at the same batch with no head and no CFG: the time a one-step student
@@ -9,17 +8,15 @@ architecture, batch and K:
     bottleneck; MARVAL's speed-up then comes from removing 100 head steps AND the CFG doubling.
 CPU by default (threads: torch's default, printed), CUDA when present with bf16 autocast.
 
---dry-run: ONE real step of every stage of `--model` at the settings of its README command, on fake tensors (shapes,
-no storage): teacher training and GSIM (64 per GPU, mask ratio 1) with and without --grad-checkpointing, RL (2 per
-GPU, K = 64, the KL-16 decoder and PickScore's ViT-H/14 in the graph, or ImageReward's ViT-L/16 and BERT-base with
---rl-reward imagereward), teacher sampling (K = 256, CFG) and student sampling (K = 64 and 128) at sample.py's
-batch, and the FID Inception at evaluate.py's batch. Each stage runs
-the function its script runs (train_mar.train_step, distill_gsim.gsim_step, rl_refine.rl_step, sample.generate), and
-the table gives, per GPU, the parameters, gradients, optimizer state and activations held at the peak, the peak, and
-whether it fits an 80 GB GPU (what the count leaves out: see LiveMemory's section); then the step's FLOPs by precision
-and kernel launches, and by the time model (its section) seconds a step and hours of the README command on 8 A100s /
-H100s. Minutes per model on 2 CPU cores: fake tensors cost ~0.2 ms an operator, and teacher sampling runs --head-steps
-(default 2) of the head's 100 reverse steps per AR step (the same memory each; the time model extrapolates to 100).
+--dry-run: ONE real step of every stage of `--model` at its README command's settings, on fake tensors (shapes, no
+storage): teacher training and GSIM (64 per GPU, mask ratio 1) with and without --grad-checkpointing, RL (2 per GPU,
+K = 64, the KL-16 decoder and PickScore's ViT-H/14 or, --rl-reward imagereward, ImageReward in the graph), teacher
+(K = 256, CFG) and student sampling (K = 64, 128) at sample.py's batch, the FID Inception at evaluate.py's. Each runs
+its script's function (train_step, gsim_step, rl_step, sample.generate); the table gives per GPU the parameters,
+gradients, optimizer state and activations at the peak, the peak, whether it fits 80 GB (LiveMemory's section says
+what it leaves out), the FLOPs by precision, the launches, and by the time model seconds a step and hours of the
+README command on 8 A100s / H100s. Minutes a model on 2 cores: teacher sampling runs --head-steps (2) of the head's
+100 reverse steps per AR step (the same memory each; the time model extrapolates to 100).
 
 --launch-counts: kernel launches per image at batch 1 of the teacher and the student sampler (see that section).
 --calibrate: the time model's fit on published times. --tf32-check: GSIM's Delta under emulated TF32 vs bf16.
@@ -133,19 +130,15 @@ def speed(args, device):
 # runs the real operators' shape logic: MAR-H builds in about a second and a step of it runs on a laptop. LiveMemory
 # counts the storage those tensors would hold. What is counted is what a GPU's allocator is asked for as tensors; NOT
 # counted: the caching allocator's fragmentation and rounding, the CUDA context (~0.5-1 GiB a process), cuBLAS and
-# cuDNN workspaces, the scratch of the attention kernel the GPU picks, NCCL buffers, and autocast's cached bf16 copies
-# of the weights (CPU fake tensors do not keep them; on a GPU they add half the fp32 weights of a module under
-# autocast whose parameters require grad).
+# cuDNN workspaces, the attention kernel's scratch, NCCL buffers, and autocast's cached bf16 weight copies (half the
+# fp32 weights of a module under autocast whose parameters require grad; CPU fake tensors keep none).
 
 KINDS = ("parameters", "gradients", "optimizer", "activations")
 GIB = 2 ** 30
-# A stage "fits an 80 GB GPU" when its counted peak is at most 72 GiB: 90% of the A100-80GB's 80 GiB, the rest left
-# to what the count leaves out (above).
-FIT_GIB = 72.0
+FIT_GIB = 72.0  # "fits an 80 GB GPU": a counted peak within 90% of 80 GiB, the rest for what the count leaves out
 # CFG scales of the released MAR models (MAR arXiv:2406.11838 Table 4 / its README): the teacher's sampling setting.
 MAR_CFG = {"mar_base": 2.9, "mar_large": 3.0, "mar_huge": 3.2}
-# PickScore_v1 is a CLIP ViT-H/14 (the config.json of yuvalkirstain/PickScore_v1 and of the LAION CLIP-ViT-H-14 it
-# was fine-tuned from): enough to build it with fake weights, no file needed.
+# PickScore_v1 is a CLIP ViT-H/14 (the config.json of yuvalkirstain/PickScore_v1): built with fake weights, no file.
 PICKSCORE_CONFIG = dict(
     text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                      num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu"),
@@ -300,7 +293,7 @@ def _stage_rl(name, opts):
 
 
 def _stage_sample(name, opts):
-    """sample.py's batch (its --batch-size, 64 per GPU, or `opts["batch"]`): the teacher (CFG, `head_steps` of the
+    """sample.py's batch (its --batch-size, 256 per GPU, or `opts["batch"]`): the teacher (CFG, `head_steps` of the
     head's reverse steps) or the one-step student, then the KL-16 decoder, in bf16 as on a GPU."""
     import sample
     flags = ["--one-step"] if opts["student"] else ["--cfg", str(MAR_CFG.get(name, 2.9)), "--num-diffusion-steps",
@@ -578,8 +571,8 @@ def calibrate():
 
 def batch_sweep(name, rows, batches=(16, 32, 64, 128, 256, 512, 1024)):
     """The dry run's sampling `rows` of `name` at other per-GPU batches: seconds an image (the time model) and peak
-    GiB (counted at K = 2: K does not change it). FLOPs grow with the batch, and so do the launches, by the noise drawn
-    image by image (one generator an image, sample.py): launches(B) = launches(B0) + (B - B0)(a + K b)."""
+    GiB (at K = 2: K does not change it). FLOPs grow with the batch, and the launches by the noise drawn image by
+    image: launches(B) = launches(B0) + (B - B0)(a + K b)."""
     out = {}
     for r in (r for r in rows if r["stage"].startswith("sample")):
         stage, K, B0, work = r["stage"], r["num_iter"], r["per_gpu_batch"], r["work_average"]
@@ -599,10 +592,9 @@ def batch_sweep(name, rows, batches=(16, 32, 64, 128, 256, 512, 1024)):
 
 # ==== TF32 for GSIM's fp32 teacher and aux heads, emulated on a CPU ===============================================
 #
-# GSIM's loss keeps only the direction of Delta = eps_p - eps_phi (guided teacher minus aux eps, MARVAL arXiv:2511.15190
-# sec. 3), ~1% of a token's |eps| once the student converges: distill_gsim.GeneratorLoss runs both heads in fp32, as
-# bf16's 8-bit mantissa turns it. TF32 keeps fp32's exponent and 10 of its 23 mantissa bits in a matmul's factors
-# (exact products, fp32 sums) at 8x (A100) / 7x (H100) the fp32 peak. Does it keep the direction? Emulated here.
+# GSIM's loss keeps only the direction of Delta = eps_p - eps_phi (MARVAL arXiv:2511.15190 sec. 3), ~1% of |eps| once
+# the student converges, which bf16 turns: GeneratorLoss runs both heads in fp32. TF32 (10 of fp32's 23 mantissa bits
+# in a matmul's factors, fp32 sums) runs at 8x (A100) / 7x (H100) the fp32 peak. Does it keep the direction?
 
 def round_tf32(x):
     """fp32 `x` rounded to TF32's 10-bit mantissa, to nearest, ties away from zero (cvt.rna.tf32.f32): on the int32
@@ -626,11 +618,10 @@ class TF32Matmul(TorchDispatchMode):
 def tf32_check(net, rows=4096, targets=(0.04, 0.3), cfg=1.2, seed=0):
     """Cosine, token by token, of GSIM's Delta with TF32 matmuls and with bf16 autocast against fp32.
 
-    net: a diffusion head (mar.SimpleMLPAdaLN) given random weights at a trained head's scale (Linear N(0, 1/fan_in),
-    biases N(0, 0.1^2), eps rescaled to unit variance: the official init zeroes the output). Teacher: `net`; aux: `net`
-    with every weight moved by s x its spread, and c_null = c + s x noise, s set so that the median |Delta| is each
-    `target` (0.04: a converged student; 0.3: early training). rows tokens, x_t ~ N(0, I), t ~ U{20..980}, c ~ N(0, I),
-    CFG `cfg` (GSIM's default). Per target: the median |Delta|; per precision the cosine's mean, 1% quantile, worst."""
+    net: a diffusion head given random weights at a trained head's scale (Linear N(0, 1/fan_in), biases N(0, 0.1^2),
+    eps of unit variance). Teacher `net`; aux `net` with every weight moved by s x its spread, c_null = c + s x noise,
+    s set so the median |Delta| is each `target` (0.04: converged; 0.3: early). x_t, c ~ N(0, I), t ~ U{20..980}, CFG
+    `cfg`. Per target: the median |Delta|, and per precision the cosine's mean, 1% quantile and worst."""
     gen = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=gen)
     for m in (m for m in net.modules() if isinstance(m, torch.nn.Linear)):
@@ -683,10 +674,8 @@ def main(argv=None):
     g.add_argument("--dry-run", action="store_true", help="one step of every stage of --model, memory per GPU")
     g.add_argument("--stages", nargs="+", choices=list(STAGES), default=None, help="only these stages")
     g.add_argument("--rl-num-iter", type=common.COUNT, default=64, help="K of the RL step (paper: 64)")
-    g.add_argument("--rl-reward", choices=["pickscore", "imagereward"], default="pickscore",
-                   help="the reward model in the RL step's graph (paper: PickScore)")
-    g.add_argument("--head-steps", type=common.COUNT, default=2,
-                   help="reverse head steps run per AR step in teacher sampling")
+    g.add_argument("--rl-reward", choices=["pickscore", "imagereward"], default="pickscore", help="RL's reward model")
+    g.add_argument("--head-steps", type=common.COUNT, default=2, help="teacher sampling: head steps run an AR step")
     g.add_argument("--batch-sweep", action="store_true", help="also: sampling's seconds an image, batch 16 to 1024")
     g = p.add_argument_group("launch counts, time model, TF32")
     g.add_argument("--launch-counts", action="store_true", help="kernel launches per image at batch 1")

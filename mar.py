@@ -14,9 +14,7 @@ it. Read it top to bottom:
 The run machinery is in common.py; README's equation index maps every equation of the papers to its function. Nothing
 here calls `.cuda()`: the device comes from the inputs. Randomness rule (every file): a draw takes its GENERATOR's
 device, then moves to where it is used (`randn`, `rand`, `randint`): torch refuses a CPU draw from a CUDA generator.
-
-Quick use: README, "The paper's scale" (sample under torch.no_grad(); a MARVAL student samples with
-head=HeadSampler(one_step=True) and cfg 1).
+Quick use: README, "The paper's scale" (under torch.no_grad(); a student: head=HeadSampler(one_step=True), cfg 1).
 """
 import argparse
 import functools
@@ -295,8 +293,7 @@ class HeadSampler:
 def truncnorm_mask_ratio(mask_ratio_min, u):
     """The masking ratio of quantile u in [0, 1) of N(1, 0.25^2) truncated to [mask_ratio_min, 1] (MAR sec. 4.2; the
     official code's scipy.stats.truncnorm(a=(min-1)/0.25, b=0, loc=1, scale=0.25)), by inverse CDF:
-    r = 1 + 0.25 Phi^-1(Phi(a) + u (Phi(0) - Phi(a))), a = (min - 1) / 0.25. A host computation: the training loops
-    draw u on the host (`random.Random`), so no step waits for a GPU to hand a random number back."""
+    r = 1 + 0.25 Phi^-1(Phi(a) + u (Phi(0) - Phi(a))), a = (min - 1) / 0.25. On the host: no GPU round trip."""
     lo = NormalDist().cdf((mask_ratio_min - 1) / 0.25)  # Phi(a); Phi(b = 0) = 0.5
     return 1.0 + 0.25 * NormalDist().inv_cdf(lo + u * (0.5 - lo))
 
@@ -349,8 +346,7 @@ def gather_rows(x, index):
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def _gen_device(generator, device):
-    """The randomness rule: draw where the generator lives (or on `device` without one)."""
+def _gen_device(generator, device):  # the randomness rule: draw where the generator lives (or on `device`)
     return generator.device if generator is not None else (device or "cpu")
 
 
@@ -457,10 +453,9 @@ class MAR(nn.Module):
         return _randperm(bsz, self.seq_len, generator, device or self.fake_latent.device)
 
     def num_masked(self, mask_ratio=None, generator=None):
-        """Tokens to mask in every row of a training batch: ceil(L * ratio), one ratio per batch, drawn from MAR's
-        truncated Gaussian unless given. A host integer: every shape that follows is known before the GPU runs.
-        Without a ratio, u is drawn from `generator` on its device and read back (a host synchronisation on a GPU):
-        the training loops give the ratio, drawn on the host."""
+        """Tokens to mask in every row of a training batch: ceil(L * ratio), one ratio per batch (a host integer:
+        every shape that follows is known before the GPU runs). Without a ratio, MAR's truncated Gaussian from u
+        drawn on `generator`'s device and read back, a host synchronisation: the training loops pass a host draw."""
         if mask_ratio is None:
             u = rand((), generator, dtype=torch.float64).item()
             mask_ratio = truncnorm_mask_ratio(self.mask_ratio_min, u)
@@ -677,8 +672,8 @@ def load_state_dict_strict(module, sd, what="checkpoint", hint="Check --model / 
 
 
 def checkpoint_kind(ckpt):
-    """What a checkpoint holds: the "kind" its writer recorded ("student": distill_gsim.py / rl_refine.py; "teacher":
-    train_mar.py); the official MAR files record none and are teachers."""
+    """The "kind" a checkpoint's writer recorded ("student": distill_gsim.py / rl_refine.py; "teacher": train_mar.py);
+    the official MAR files record none and are teachers."""
     return ckpt.get("kind", "teacher")
 
 
@@ -689,12 +684,10 @@ def load_mar(path, model, use_ema=True, verbose=True, expect=None):
     expect: "teacher" or "student" to refuse the other kind (`checkpoint_kind`). Returns the model.
     """
     ckpt = read_checkpoint(path)
-    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        raise ValueError(f"{path!r} is a bare state dict ({len(ckpt)} tensors, e.g. {next(iter(ckpt))!r}), not a "
-                         "checkpoint: save it as torch.save({'model': state_dict, 'kind': 'teacher' or 'student'}, "
-                         "path), the format every stage writes")
     if not isinstance(ckpt, dict) or not ({"model", "model_ema"} & set(ckpt)):
-        raise ValueError(f"{path!r} is not a MAR checkpoint: expected a dict with 'model' and/or 'model_ema'")
+        bare = isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values())  # weights alone
+        raise ValueError(f"{path!r} is " + ("a bare state dict: save it as {'model': sd, 'kind': 'teacher' or "
+                         "'student'}" if bare else "not a MAR checkpoint: expected a dict with 'model' / 'model_ema'"))
     kind = checkpoint_kind(ckpt)
     if expect is not None and kind != expect:
         made = {"student": "a MARVAL one-step student (distill_gsim.py / rl_refine.py)",

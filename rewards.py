@@ -54,7 +54,7 @@ def imagenet_prompts():
 def prompt_table(encode, prompts, chunk=250):
     """(P, D) L2-normalised text features of every prompt, `encode(list of str) -> (n, D)` run in chunks. Computed
     once: a reward then looks a batch's prompts up by label on the labels' device, with no host copy in the step."""
-    # fp32 whatever autocast surrounds the first call (an RL step runs under bf16): every rank, every run, the same table
+    # fp32 whatever autocast surrounds the first call (an RL step runs under bf16): every rank and run, one table
     with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
         chunks = [encode(prompts[i: i + chunk]).float() for i in range(0, len(prompts), chunk)]  # (n, D) each
     return F.normalize(torch.cat(chunks), dim=-1)

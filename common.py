@@ -507,8 +507,9 @@ def plot_panels(panels, path, size=(5.2, 4.0), dpi=100):
     """Save side-by-side line panels as one PNG of len(panels) * size inches at `dpi`. Each panel is a dict: title,
     xlabel, ylabel (with units), and series, a list of (name, points) with points [(x, y, label or None), ...] joined
     in order, each label written beside its point (the cfg or K a point was measured at); optionally ylim (low, high),
-    xscale / yscale ("log"), xticks (values to label), hline (y, text): a reference line such as a floor, and note: a line of numbers under the
-    axes. Every panel has ticks, tick labels, a grid and a legend."""
+    xscale / yscale ("log"), xticks (values to label), label_offsets ((dx, dy) in points for the first and second
+    series' labels), hline (y, text): a reference line such as a floor, and note: a line of numbers under the axes.
+    Every panel has ticks, tick labels, a grid and a legend."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(size[0] * len(panels), size[1]), squeeze=False)
     for ax, panel in zip(axes[0], panels):
@@ -519,8 +520,9 @@ def plot_panels(panels, path, size=(5.2, 4.0), dpi=100):
             ax.plot(xs, ys, "o-", color=PALETTE[j % len(PALETTE)], label=name, markersize=5, linewidth=1.5)
             for x, y, label in series:
                 if label is not None:
-                    ax.annotate(str(label), (x, y), textcoords="offset points", fontsize=8,
-                                xytext=(5, 4) if j % 2 == 0 else (5, -11), color=PALETTE[j % len(PALETTE)])
+                    dx, dy = panel.get("label_offsets", ((5, 5), (5, -12)))[j % 2]  # points; dx < 0: left
+                    ax.annotate(str(label), (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                                ha="right" if dx < 0 else "left", color=PALETTE[j % len(PALETTE)])
         if "hline" in panel:
             y, text = panel["hline"]
             ax.axhline(y, color="gray", linestyle="--", linewidth=1, label=text)
@@ -537,6 +539,7 @@ def plot_panels(panels, path, size=(5.2, 4.0), dpi=100):
             ax.set_ylim(*panel["ylim"])
         if panel.get("note"):
             ax.text(0.0, -0.22, panel["note"], transform=ax.transAxes, fontsize=8, va="top")
+        ax.margins(x=0.08, y=0.08)  # room for the labels of the outermost points
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -234,7 +234,7 @@ def plot_tradeoff(history, path):
     a, b = pts[0], pts[-1]
     panels = [dict(title="RL: held-out reward vs toy FID (labels: step)",
                    xlabel="toy FID of the held-out set (lower is better)",
-                   ylabel="held-out reward: mean log p(label | image), nats",
+                   ylabel="held-out reward: log p(label | image), nats",
                    series=[("policy (EMA)", [(h["toy_fid"], h["heldout_reward"], h["step"]) for h in pts])],
                    note=f"step {a['step']}: reward {a['heldout_reward']:.3f}, FID {a['toy_fid']:.2f};  "
                         f"step {b['step']}: reward {b['heldout_reward']:.3f}, FID {b['toy_fid']:.2f}")]

@@ -21,7 +21,8 @@ them (nanochat keeps `gpt.py` apart from `common.py` the same way):
   - `pyplot`, `plot_panels`: the reports' line figures with matplotlib (Agg backend); `save_class_grid`,
     `save_titled_grids`: image grids with PIL.
 
-Every function depends only on torch and its arguments; copy any one of them on its own.
+Every function depends only on torch (the figures: matplotlib or PIL) and its arguments; copy any one of them on its
+own.
 """
 import argparse
 import contextlib

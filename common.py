@@ -18,9 +18,11 @@ them (nanochat keeps `gpt.py` apart from `common.py` the same way):
   - `StepControl`: every rank stops (SIGTERM) and saves (a time cadence) at the same step.
   - `my_share` / `gather_indexed`: evaluation split over ranks and merged, so no rank works while others wait.
   - `machine`: what a timing ran on (CPU model, threads, matmul throughput), recorded beside every reported time.
-  - `plot_panels`, `save_class_grid`, `save_titled_grids`: the reports' figures, drawn with PIL.
+  - `pyplot`, `plot_panels`: the reports' line figures with matplotlib (Agg backend); `save_class_grid`,
+    `save_titled_grids`: image grids with PIL.
 
-Every function depends only on torch and its arguments; copy any one of them on its own.
+Every function depends only on torch (the figures: matplotlib or PIL) and its arguments; copy any one of them on its
+own.
 """
 import argparse
 import contextlib
@@ -628,45 +630,65 @@ def machine(device="cpu"):
     return out
 
 
-# ==== Figures: line / scatter panels drawn with PIL (no plotting dependency) ======================================
+# ==== Figures: line panels with matplotlib (Agg: no display); image grids with PIL =================================
 
 PALETTE = ("steelblue", "darkorange", "seagreen", "firebrick", "purple")
 
 
-def plot_panels(panels, path, size=(520, 400)):
-    """Save side-by-side panels as one PNG. Each panel is a dict: title, xlabel, ylabel, and series, a list of
-    (name, points) with points [(x, y, label or None), ...] joined in order, each point's label written beside it,
-    and optionally ylim (low, high). Axes span the data or ylim (the ranges are printed with the axis names), enough
-    to read a trade-off's shape."""
-    from PIL import Image, ImageDraw
-    W, H, pad = *size, 60
-    im = Image.new("RGB", (W * len(panels), H), "white")
-    d = ImageDraw.Draw(im)
-    for i, panel in enumerate(panels):
-        ox = i * W
-        pts = [p for _, series in panel["series"] for p in series]
-        if not pts:
-            continue
-        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-        y0, y1 = panel.get("ylim") or (min(p[1] for p in pts), max(p[1] for p in pts))
-        sx = lambda v: ox + pad + (v - x0) / max(x1 - x0, 1e-12) * (W - 2 * pad)
-        sy = lambda v: H - pad - (v - y0) / max(y1 - y0, 1e-12) * (H - 2 * pad)
-        d.line([(ox + pad, H - pad), (ox + W - pad, H - pad)], fill="black")
-        d.line([(ox + pad, pad), (ox + pad, H - pad)], fill="black")
-        d.text((ox + 10, 8), panel["title"], fill="black")
-        d.text((ox + 10, 24), f"y: {panel['ylabel']} ({y0:.4g} .. {y1:.4g})", fill="black")
-        d.text((ox + pad, H - pad + 25), f"x: {panel['xlabel']} ({x0:.4g} .. {x1:.4g})", fill="black")
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: figures are written to files, never shown, so no display is needed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_panels(panels, path, size=(5.2, 4.0), dpi=100):
+    """Save side-by-side line panels as one PNG of len(panels) * size inches at `dpi`. Each panel is a dict: title,
+    xlabel, ylabel (with units), and series, a list of (name, points) with points [(x, y, label or None), ...] joined
+    in order, each label written beside its point (the cfg or K a point was measured at); optionally ylim (low, high),
+    xscale / yscale ("log"), xticks (values to label), label_offsets ((dx, dy) in points for the first and second
+    series' labels), hline (y, text): a reference line such as a floor, and note: a line of numbers under the axes.
+    Every panel has ticks, tick labels, a grid and a legend."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(size[0] * len(panels), size[1]), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
         for j, (name, series) in enumerate(panel["series"]):
-            color = PALETTE[j % len(PALETTE)]
-            if len(series) > 1:
-                d.line([(sx(x), sy(y)) for x, y, _ in series], fill=color, width=2)
+            if not series:
+                continue
+            xs, ys = [p[0] for p in series], [p[1] for p in series]
+            ax.plot(xs, ys, "o-", color=PALETTE[j % len(PALETTE)], label=name, markersize=5, linewidth=1.5)
             for x, y, label in series:
-                d.ellipse([sx(x) - 3, sy(y) - 3, sx(x) + 3, sy(y) + 3], fill=color)
                 if label is not None:
-                    d.text((sx(x) + 5, sy(y) - 12), str(label), fill="gray")
-            d.text((ox + W // 2, 8 + 14 * j), name, fill=color)  # legend above the plot area
+                    dx, dy = panel.get("label_offsets", ((5, 5), (5, -12)))[j % 2]  # points; dx < 0: left
+                    ax.annotate(str(label), (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                                ha="right" if dx < 0 else "left", color=PALETTE[j % len(PALETTE)])
+        if "hline" in panel:
+            y, text = panel["hline"]
+            ax.axhline(y, color="gray", linestyle="--", linewidth=1, label=text)
+        ax.set(title=panel["title"], xlabel=panel["xlabel"], ylabel=panel["ylabel"])
+        ax.title.set_fontsize(10)
+        if panel.get("xscale"):
+            ax.set_xscale(panel["xscale"])
+        if panel.get("yscale"):
+            ax.set_yscale(panel["yscale"])
+        if panel.get("xticks"):  # e.g. K = 1, 2, 4, 8, 16 on a log axis, written as plain numbers
+            ax.set_xticks(panel["xticks"], [f"{v:g}" for v in panel["xticks"]])
+            ax.minorticks_off()
+        if panel.get("ylim"):
+            ax.set_ylim(*panel["ylim"])
+        if panel.get("note"):
+            ax.text(0.0, -0.22, panel["note"], transform=ax.transAxes, fontsize=8, va="top")
+        ax.margins(x=0.08, y=0.08)  # room for the labels of the outermost points
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="gray")
+    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    im.save(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
 def make_grid(images, nrow):

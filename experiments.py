@@ -255,25 +255,47 @@ def steps_per_epoch():
 
 
 def figures(rep, out_dir):
-    """fig_cfg.png (the paper's FID-IS trade-off curve), fig_num_iter.png (where the one-step student sits on the
-    speed-quality plane), fig_diversity.png (per-class recall on a 0-1 axis). fig_rl.png is rl_refine.py's own."""
-    cfg, ks, div = rep["cfg_sweep"], rep["num_iter_sweep"], rep["diversity"]
-    common.plot_panels([dict(title="CFG trade-off (labels: cfg)", xlabel="toy IS", ylabel="toy FID",
-                             series=[("teacher (100 steps, same cfg)", [(r["teacher_is"], r["teacher_fid"],
-                                                                      f"{r['cfg']:g}") for r in cfg]),
-                                     ("student (1 step, distilled at cfg)", [(r["is"], r["fid"], f"{r['cfg']:g}")
-                                                                          for r in cfg])])],
-                       os.path.join(out_dir, "fig_cfg.png"))
-    common.plot_panels([dict(title="speed vs quality (labels: K)", xlabel="log10 seconds per image",
-                             ylabel="toy FID",
-                             series=[(f"{m}", [(float(np.log10(r[f"{m}_sec_per_image"])), r[f"{m}_fid"],
-                                                r["num_iter"]) for r in ks]) for m in ("teacher", "student")])],
-                       os.path.join(out_dir, "fig_num_iter.png"))
-    common.plot_panels([dict(title="mode coverage: recall of each class's held-out digits", xlabel="digit",
-                             ylabel="recall (k = 3)", ylim=(0, 1),
-                             series=[(m, [(c, v, None) for c, v in enumerate(div[f"{m}_class_recall"])])
-                                     for m in ("teacher", "student")])],
-                       os.path.join(out_dir, "fig_diversity.png"))
+    """fig_cfg.png (the paper's FID-IS trade-off curve), fig_num_iter.png (quality and speed-up against K: where the
+    one-step student sits), fig_diversity.png (per-class recall on a 0-1 axis); fig_rl.png is rl_refine.py's own.
+    Draws from a report.json's numbers alone (`python experiments.py --redraw report.json`), so a figure is redrawn
+    without rerunning its section; a section or a series missing from `rep` is left out."""
+    floor = rep.get("headline", {}).get("real_floor_fid")
+    fid_axis = "toy FID of 400 digits (lower is better)"
+    floor_line = {"hline": (floor, f"floor: 400 real digits, {floor:.2f}")} if floor else {}
+    if rep.get("cfg_sweep"):
+        cfg = rep["cfg_sweep"]
+        series = [("student: 1 step, distilled at cfg, sampled at cfg 1",
+                   [(r["is"], r["fid"], f"cfg {r['cfg']:g}: {r['fid']:.1f}") for r in cfg])]
+        if "teacher_is" in cfg[0]:
+            series.insert(0, ("teacher: 100 steps at cfg", [(r["teacher_is"], r["teacher_fid"], f"{r['cfg']:g}")
+                                                            for r in cfg]))
+        common.plot_panels([dict(title="CFG trade-off: FID against IS (labels: cfg)", xlabel="toy IS (higher: "
+                                 "more confident classes)", ylabel=fid_axis, series=series, **floor_line)],
+                           os.path.join(out_dir, "fig_cfg.png"), size=(6.4, 4.6))
+    if rep.get("num_iter_sweep"):
+        ks = rep["num_iter_sweep"]
+        kticks = [r["num_iter"] for r in ks]
+        fid = dict(title="quality against AR iterations K", xlabel="AR iterations K", ylabel=fid_axis, xscale="log",
+                   xticks=kticks, label_offsets=((-5, -12), (5, 5)),  # the curves cross: teacher below-left
+                   series=[(f"{m} ({'100 head steps' if m == 'teacher' else '1 head step'})",
+                            [(r["num_iter"], r[f"{m}_fid"], f"{r[f'{m}_fid']:.1f}") for r in ks])
+                           for m in ("teacher", "student")], **floor_line)
+        speed = dict(title="speed-up of the one-step student over the teacher", xlabel="AR iterations K",
+                     xscale="log", xticks=kticks,
+                     ylabel="teacher / student seconds per image", ylim=(0, 1.1 * max(r["speedup"] for r in ks)),
+                     series=[("speed-up", [(r["num_iter"], r["speedup"], f"{r['speedup']:.1f}x") for r in ks])])
+        if "student_sec_per_image" in ks[0]:
+            speed["note"] = "seconds per image, student: " + ", ".join(
+                f"K={r['num_iter']} {1e3 * r['student_sec_per_image']:.1f} ms" for r in ks)
+        common.plot_panels([fid, speed], os.path.join(out_dir, "fig_num_iter.png"))
+    if rep.get("diversity", {}).get("teacher_class_recall"):
+        div = rep["diversity"]
+        common.plot_panels([dict(title="mode coverage: recall of each class's held-out digits", xlabel="digit class",
+                                 ylabel="recall, k = 3 (fraction)", ylim=(0, 1),
+                                 series=[(f"{m} (mean {div[f'{m}_recall']:.3f})",
+                                          [(c, v, None) for c, v in enumerate(div[f"{m}_class_recall"])])
+                                         for m in ("teacher", "student")])],
+                           os.path.join(out_dir, "fig_diversity.png"))
 
 
 def shapes(rep):
@@ -412,10 +434,17 @@ def main(argv=None):
                                                           f"{','.join(data.TOY_SIZES)}")
     p.add_argument("--seed-sets", type=common.COUNT, default=3,
                    help="evaluation seed sets (demo.EVAL_SEEDS and beyond)")
+    p.add_argument("--redraw", default=None, metavar="REPORT_JSON",
+                   help="only redraw the figures into --out-dir from a report.json's numbers (no training)")
     # The student of the headline and the model-size table gets distill_gsim.py's full toy schedule (30 epochs); the
     # demo shortens it to 20 to fit its ten minutes. A demo folder copied in therefore shares only its teacher.
     p.set_defaults(distill_epochs=30)
     args = demo.parse(p, argv)
+    if args.redraw:  # the figures from recorded numbers: seconds, not the half hour of the sections
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(common.input_path("--redraw", args.redraw, "a report.json written by experiments.py")) as f:
+            figures(json.load(f), args.out_dir)
+        return None
     args.cfgs = [float(v) for v in args.cfgs.split(",")]
     args.num_iters = [int(v) for v in args.num_iters.split(",")]
     args.sizes = args.sizes.split(",")

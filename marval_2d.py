@@ -1,4 +1,4 @@
-"""MARVAL in two dimensions: the whole method on one 2-D "token", in about a minute on a laptop CPU.
+"""MARVAL in two dimensions: the whole method on one 2-D "token", in about two minutes on a 2-core CPU.
 
 In MAR every token of an image is drawn by a small diffusion head from the condition c the transformer gives it;
 MARVAL (Gu et al. 2025, arXiv:2511.15190) replaces the head's ~100 reverse steps by ONE, then fine-tunes the result
@@ -11,25 +11,29 @@ with a reward. Here the "token" is a point in the plane and c is one of two clas
   2. Stage 1, GSIM: a one-step generator g(z, c) = mar.one_step_x0 (z read as x_400; G below is its eps network) and
      an auxiliary eps network, both copies of the teacher at the start, trained in turn with the project's
      `gsim_generator_loss` (time weight sigma_t, p = 1; the digits toy uses p = 3) and `aux_dsm_loss`, towards the
-     floor: how far apart two sets of teacher samples are.
+     floor: how far apart two sets of teacher samples are. The generator trains the residual of its eps network and
+     keeps the teacher's mixture part: trained, the mixture's width shrinks and the student becomes a polygon per
+     class (`run_gsim` says why; --train-student-mixture shows it).
   3. Stage 2, RL: a reward (the log density of a target disc that overlaps some modes) back-propagated through the
      one-step generator, with and without the DRaFT+ penalty toward the frozen student: without it every sample
      piles onto the reward's peak (reward hacking); with it the student moves less.
 
-Writes OUT_DIR/marval_2d.png (teacher, student during GSIM, after RL with / without the penalty, distance to the
-floor against iterations) and OUT_DIR/report.json (`ed_over_floor`, `reward_before`, `reward_after`, mode masses).
+Writes OUT_DIR/marval_2d.png (teacher, student during GSIM, after RL with / without the penalty on one [-2, 2]^2
+window; distance to the floor against iterations; class 0's mode masses) and OUT_DIR/report.json (`ed_over_floor`,
+`reward_before`, `reward_after`, mode masses).
 
     python marval_2d.py --out-dir runs/2d
     python marval_2d.py --out-dir runs/2d_sim --path-weight 0      # SIM's loss (no path term): a biased gradient
 
 Knobs, and what a student of the course sees (measured; the numbers: docs/results.md, section 3):
-  --path-weight 0     SIM's loss without the path term d(y): a biased gradient, a little further from the teacher.
+  --path-weight 0     SIM's loss without the path term d(y): a biased gradient.
   --flip-sign         y -> -y: GSIM drives the student away from the teacher; each class collapses onto one mode.
   --detach-dprime     Delta without gradient, so d(y) and d'(y) are constants and only eps_phi(x_t) in the
-                      projection term carries one (tests/test_gsim.py's 1-D "detached"): much further away.
-  --aux-steps 1       one aux update per generator update: no visible difference at the default length.
+                      projection term carries one (tests/test_gsim.py's 1-D "detached").
+  --train-student-mixture  the generator trains its mixture part too: each class becomes a polygon (`run_gsim`).
+  --aux-steps 1       one aux update per generator update.
   --cfg 2             a stronger guidance: the teacher's modes sharpen and its weakest mode nearly vanishes.
-  --r 1               a large pseudo-Huber constant turns d(y) into a squared loss: further from the teacher.
+  --r 1               a large pseudo-Huber constant turns d(y) into a squared loss.
   --reg-weight       the DRaFT+ penalty of the penalised RL run (the last panel is always the run without it).
 """
 import argparse
@@ -76,11 +80,11 @@ def mixture_eps(x_t, t, c, log_w, means, log_std):
 
 
 class MixtureEpsNet(nn.Module):
-    """eps(x_t, t, c): the mixture's exact eps with TRAINABLE log-weights, means and widths, plus an MLP residual on
-    [x_t, sinusoidal(t), one-hot c] whose last layer starts at zero. At initialisation it IS the teacher, and every
-    parameter trains: MARVAL initialises the student and the auxiliary network as full copies of the teacher's head.
-    (Freezing the mixture part and training only the residual stalls: a smooth residual hardly moves the sharp
-    switch between modes that the mixture part puts in eps.)"""
+    """eps(x_t, t, c): the mixture's exact eps with trainable log-weights, means and widths, plus an MLP residual on
+    [x_t, sinusoidal(t), one-hot c] whose last layer starts at zero. At initialisation it IS the teacher: MARVAL
+    initialises the student and the auxiliary network as full copies of the teacher's head. The aux network trains
+    every parameter (freezing its mixture part stalls: a smooth residual hardly moves the sharp switch between modes
+    that the mixture part puts in eps); the one-step generator trains its residual only (`run_gsim`: why)."""
 
     def __init__(self, width=128):
         super().__init__()
@@ -128,22 +132,27 @@ def one_step(G, c, z):
     return mar.one_step_x0(G, z, c, DIFF)
 
 
-def generator_loss(G, aux, c, z, gen, args):
-    """GSIM's generator loss for classes c (N,) and noise z (N, 2), as distill_gsim.py computes it per token: the
-    student's x0 = G(z, c) noised at t ~ U{20..980}, the guided teacher's and the aux's eps at x_t (their parameters
-    frozen, their input x_t keeping its graph to G), `gsim_generator_loss`. args: cfg, r, path_weight, and the
-    teaching knobs flip_sign and detach_dprime."""
+def generator_loss(G, aux, c, z, gen, cfg, r=1e-5, path_weight=1.0, flip_sign=False, detach_dprime=False):
+    """GSIM's generator loss for classes c (N,) and noise z (N, 2), as distill_gsim.py computes it per token
+    (`GeneratorLoss` with t_min 20, t_max 980, time weight p = 1): the student's x0 = g(z, c) noised at
+    t ~ U{20..980}, the guided teacher's and the aux's eps at x_t (their parameters frozen, their input x_t keeping
+    its graph to G), `gsim_generator_loss`. Every hyper-parameter is an argument:
+      cfg          the teacher's CFG scale in MAR's convention (MARVAL Eq. 10 with w = cfg - 1),
+      r            pseudo-Huber constant in score units (MARVAL Table 1: 1e-5),
+      path_weight  1: GSIM's exact gradient; 0: SIM's loss without the path term d(y),
+      flip_sign    teaching knob: y -> -y (the student is pushed away from the teacher),
+      detach_dprime  teaching knob: Delta without gradient, so d(y) and d'(y) are constants."""
     x0 = one_step(G, c, z)                                                          # (N, 2), graph to G
-    t = torch.randint(20, 981, (len(z),), generator=gen)
-    eps = torch.randn(x0.shape, generator=gen)
-    x_t = DIFF.q_sample(x0, t, eps)
-    e_p = mar.guided_eps(TEACHER, x_t, t, c, torch.full_like(c, NULL), args.cfg)     # guided teacher eps (Eq. 10)
-    e_a = aux(x_t, t, c)
-    if args.flip_sign:          # y -> -y
+    t = torch.randint(20, 981, (len(z),), generator=gen)                            # (N,)
+    eps = torch.randn(x0.shape, generator=gen)                                      # (N, 2)
+    x_t = DIFF.q_sample(x0, t, eps)                                                 # (N, 2), graph to G
+    e_p = mar.guided_eps(TEACHER, x_t, t, c, torch.full_like(c, NULL), cfg)         # guided teacher eps (Eq. 10)
+    e_a = aux(x_t, t, c)                                                            # (N, 2)
+    if flip_sign:               # y -> -y
         e_p = 2 * e_a - e_p
-    if args.detach_dprime:      # Delta = e_p - e_a with no gradient: d'(y) and d(y) become constants
+    if detach_dprime:           # Delta = e_p - e_a with no gradient: d'(y) and d(y) become constants
         e_p = e_a + (e_p - e_a).detach()
-    return gsim_generator_loss(e_p, e_a, eps, (1 - ABAR[t]).sqrt(), args.r, args.path_weight)
+    return gsim_generator_loss(e_p, e_a, eps, (1 - ABAR[t]).sqrt(), r, path_weight)
 
 
 def gsim_iteration(G, aux, opt_g, opt_a, batch, gen, args):
@@ -152,7 +161,7 @@ def gsim_iteration(G, aux, opt_g, opt_a, batch, gen, args):
     before the update: one generator step apart)."""
     c, z = torch.randint(0, 2, (batch,), generator=gen), torch.randn(batch, 2, generator=gen)
     aux.requires_grad_(False)  # constants in the generator loss; its input x_t is not detached
-    loss = generator_loss(G, aux, c, z, gen, args)
+    loss = generator_loss(G, aux, c, z, gen, args.cfg, args.r, args.path_weight, args.flip_sign, args.detach_dprime)
     opt_g.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(G.parameters(), 1.0)
@@ -171,10 +180,24 @@ def run_gsim(args, gen, watch=None):
     """Stage 1: distil the guided teacher into a one-step generator for args.iters iterations; returns its EMA.
     Adam (0, 0.999) at 1e-3 for both networks, the generator's lr decaying linearly to 0 (the pseudo-Huber direction
     does not shrink near the optimum, so a constant lr keeps the student jittering), EMA 0.99, two aux updates per
-    generator update. watch(i, G_ema), if given, is called before iteration i and after the last."""
+    generator update. watch(i, G_ema), if given, is called before iteration i and after the last.
+
+    The generator trains its MLP residual; its mixture part keeps the teacher's weights, means and widths (unless
+    args.train_student_mixture). Why: read at t* = 400 the mixture part gives x0 = k z + (1 - k') sum_m r_m(z) mu_m,
+    a small multiple of z plus a convex combination of the means with soft responsibilities r_m(z), and one width
+    per class sets both how wide each mode is (k = a s^2 / (a^2 s^2 + sigma^2)) and how soft the switch between modes
+    is. Trained by GSIM, that width is among the first things to move, and it shrinks (0.25 -> 0.16 in 1,500
+    iterations): the student's modes become points at the corners of its class's polygon and the mass lies on the
+    convex combinations between them, the polygons' edges. The residual, left alone, widens the modes instead
+    (docs/results.md, section 3: the runs that showed it; at cfg 1 the fully trained network, given 3,000
+    iterations, ends closer to the teacher, so the choice is measured for this lesson's cfg 1.2 only)."""
     G, aux = MixtureEpsNet(), MixtureEpsNet()
     G_ema = copy.deepcopy(G).requires_grad_(False)
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.999))   # betas (0, 0.999): distill_gsim note 6
+    if not args.train_student_mixture:
+        for p in (G.log_w, G.means, G.log_std):
+            p.requires_grad_(False)
+    opt_g = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=args.lr,
+                             betas=(0.0, 0.999))                          # betas (0, 0.999): distill_gsim note 6
     opt_a = torch.optim.Adam(aux.parameters(), lr=args.lr, betas=(0.0, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda i: 1 - i / max(args.iters, 1))
     for i in range(args.iters):
@@ -255,40 +278,74 @@ def student_sample(G, c, seed):
 
 # ==== The figure ===================================================================================================
 
-COLORS = [(31, 119, 180), (214, 39, 40)]  # class 0 blue, class 1 red
+COLORS = ("tab:blue", "tab:red")  # class 0, class 1
+LIM = (-2, 2)                      # every scatter panel: the same square window, equal aspect
 
 
-def scatter(draw, box, x, c, title, note=""):
-    """Points x (N, 2) in [-2, 2]^2 coloured by class, the reward's 1- and 2-sigma circles (grey), a title, a note."""
-    left, top, size = box
-    to_px = lambda p: (left + (p[0] + 2) / 4 * size, top + (2 - p[1]) / 4 * size)
-    draw.rectangle([left, top, left + size, top + size], outline="black")
-    for k in (1, 2):  # reward contours
-        (x0, y0), (x1, y1) = to_px(TARGET - k * TARGET_STD), to_px(TARGET + k * TARGET_STD)
-        draw.ellipse([x0, y1, x1, y0], outline=(120, 120, 120))
-    for p, k in zip(x.tolist(), c.tolist()):
-        u, v = to_px(p)
-        draw.point([(u, v), (u + 1, v), (u, v + 1)], fill=COLORS[k])
-    draw.text((left, top - 28), title, fill="black")
-    draw.text((left, top - 14), note, fill=(80, 80, 80))
+def scatter(ax, x, c, title, note=""):
+    """Points x (N, 2) coloured by class on a matplotlib axes, the eight mode means (crosses), the reward's 1- and
+    2-sigma circles (grey, dashed), a title and a note of numbers under it."""
+    import matplotlib.patches as patches
+    for k in (0, 1):
+        pts = x[c == k]
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, color=COLORS[k], alpha=0.5, rasterized=True, label=f"class {k}")
+    ax.scatter(MODE_MEANS[:, 0], MODE_MEANS[:, 1], marker="x", s=18, color="black", linewidths=0.8,
+               label="mode means")
+    for k in (1, 2):
+        ax.add_patch(patches.Circle(TARGET.tolist(), k * TARGET_STD, fill=False, color="gray", ls="--", lw=0.8,
+                                    label="reward: 1, 2 sigma" if k == 1 else None))
+    ax.set(xlim=LIM, ylim=LIM, aspect="equal", xlabel="x1", title=title)
+    ax.set_xticks([-2, -1, 0, 1, 2])
+    ax.set_yticks([-2, -1, 0, 1, 2])
+    ax.title.set_fontsize(9)
+    ax.grid(True, alpha=0.25)
+    ax.text(0.5, -0.3, note, transform=ax.transAxes, ha="center", va="top", fontsize=8)
 
 
-def save_figure(panels, curve, path, size=260):
-    """One PNG: a row of scatter panels (title, samples, classes, note) and the distance-to-floor curve below."""
-    from PIL import Image, ImageDraw
-    width = len(panels) * (size + 20) + 20
-    im = Image.new("RGB", (width, size + 50), "white")
-    draw = ImageDraw.Draw(im)
+def save_figure(panels, history, masses, path):
+    """One PNG. Top row: scatter panels [(title, samples (N, 2), classes (N,), note)], all on the same [-2, 2]^2
+    window. Bottom left: the student's distance to the teacher against GSIM iterations in multiples of the floor
+    (log scale; 1 is the floor). Bottom right: class 0's mode masses (the weights GSIM must keep, RL may move)."""
+    plt = common.pyplot()
+    n = len(panels)
+    fig = plt.figure(figsize=(2.6 * n, 6.6))
+    grid = fig.add_gridspec(2, n, height_ratios=(1, 0.8), hspace=0.55, wspace=0.3)
     for i, (title, x, c, note) in enumerate(panels):
-        scatter(draw, (20 + i * (size + 20), 40, size), x, c, title, note)
-    tmp = path + ".curve.png"
-    common.plot_panels([curve], tmp, size=(width // 2, 300))
-    curve_im = Image.open(tmp)
-    out = Image.new("RGB", (width, im.height + curve_im.height), "white")
-    out.paste(im, (0, 0))
-    out.paste(curve_im, (0, im.height))
-    os.remove(tmp)
-    out.save(path)
+        ax = fig.add_subplot(grid[0, i])
+        scatter(ax, x, c, title, note)
+        if i == 0:
+            ax.set_ylabel("x2")
+            from matplotlib.lines import Line2D  # legend stand-ins: the 1-point class dots would be invisible in it
+            handles, labels = ax.get_legend_handles_labels()
+            handles[:2] = [Line2D([], [], ls="", marker="o", ms=5, color=COLORS[k]) for k in (0, 1)]
+            fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, 0.97))
+    half = n // 2 + 1
+    ax = fig.add_subplot(grid[1, :half])
+    it = [h["iter"] for h in history]
+    ax.plot(it, [h["ed_over_floor"] for h in history], "o-", ms=3, label="energy distance / its floor")
+    ax.plot(it, [h["sw_over_floor"] for h in history], "s-", ms=3, label="sliced W2 / its floor")
+    ax.axhline(1, color="gray", ls="--", lw=1, label="the floor: two sets of teacher samples")
+    end = history[-1]
+    ax.annotate(f"{end['ed_over_floor']:.2f}x", (end["iter"], end["ed_over_floor"]), textcoords="offset points",
+                xytext=(-10, 8), fontsize=8)
+    ax.annotate(f"{end['sw_over_floor']:.2f}x", (end["iter"], end["sw_over_floor"]), textcoords="offset points",
+                xytext=(-10, -12), fontsize=8)
+    ax.set(yscale="log", xlabel="GSIM iteration", ylabel="distance to the teacher / floor",
+           title="GSIM: the one-step student's distance to the teacher (EMA weights)")
+    ax.title.set_fontsize(9)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7)
+    ax = fig.add_subplot(grid[1, half + 1:])
+    width = 0.8 / len(masses)
+    for j, (name, m) in enumerate(masses.items()):
+        ax.bar([k + (j - (len(masses) - 1) / 2) * width for k in range(4)], m[0], width, label=name)
+    ax.set(xticks=range(4), xticklabels=[f"mode {k}\n(weight {w:.1f})" for k, w in enumerate(CLASS_WEIGHTS[0])],
+           ylabel="share of class 0's samples", ylim=(0, 1), title="class 0: share of samples nearest each mode")
+    ax.title.set_fontsize(9)
+    ax.grid(True, axis="y", alpha=0.25)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 # ==== Main ========================================================================================================
@@ -296,7 +353,7 @@ def save_figure(panels, curve, path, size=260):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", required=True, help="where marval_2d.png and report.json go")
-    p.add_argument("--iters", type=common.COUNT0, default=1500, help="GSIM iterations (0: the one-step start)")
+    p.add_argument("--iters", type=common.COUNT0, default=3000, help="GSIM iterations (0: the one-step start)")
     p.add_argument("--batch", type=common.COUNT, default=512)
     p.add_argument("--lr", type=common.POSITIVE, default=1e-3, help="Adam lr of the generator and the aux network")
     p.add_argument("--cfg", type=common.NONNEG, default=1.2, help="the teacher's CFG scale (MAR's convention)")
@@ -304,6 +361,8 @@ def get_args(argv=None):
     p.add_argument("--path-weight", type=common.NONNEG, default=1.0, help="1: GSIM; 0: SIM's loss")
     p.add_argument("--flip-sign", action="store_true", help="y -> -y in the generator loss")
     p.add_argument("--detach-dprime", action="store_true", help="no gradient through Delta (d'(y) detached)")
+    p.add_argument("--train-student-mixture", action="store_true",
+                   help="the generator trains its mixture part too (weights, means, widths): the polygons")
     p.add_argument("--aux-steps", type=common.COUNT, default=2, help="aux DSM updates per generator update")
     p.add_argument("--rl-steps", type=common.COUNT, default=300)
     p.add_argument("--reg-weight", type=common.NONNEG, default=16.0, help="DRaFT+ penalty of the penalised RL run")
@@ -352,18 +411,17 @@ def main(argv=None):
         json.dump(report, f, indent=2)
 
     ed = {h["iter"]: h["ed_over_floor"] for h in history}
-    panels = [("teacher, 100 steps, cfg %g" % args.cfg, ref, c, "what GSIM distils (its samples)")]
-    panels += [(f"student, GSIM iter {i}", snapshots[i], c, f"energy distance {ed[i]:.1f}x the floor")
+    panels = [(f"teacher: 100 steps, cfg {args.cfg:g}", ref, c, "what GSIM distils (its samples)")]
+    panels += [(f"student, GSIM iteration {i}", snapshots[i], c, f"energy distance {ed[i]:.2f}x the floor")
                for i in sorted(snapshots)]
-    panels += [(f"RL, penalty {args.reg_weight:g}", x_rl[args.reg_weight], c,
-                f"reward {report['reward_after']:.2f} (from {report['reward_before']:.2f})"),
-               ("RL, no penalty", x_rl[0.0], c, f"reward {report['reward_after_unpenalised']:.2f}: all on the peak")]
-    curve = dict(title="GSIM: student vs teacher, in multiples of the two-sample floor (the floor is 1)",
-                 xlabel="GSIM iteration", ylabel="distance / floor",
-                 ylim=(0, max(max(h["ed_over_floor"], h["sw_over_floor"]) for h in history)),
-                 series=[("energy distance", [(h["iter"], h["ed_over_floor"], None) for h in history]),
-                         ("sliced W2", [(h["iter"], h["sw_over_floor"], None) for h in history])])
-    save_figure(panels, curve, os.path.join(args.out_dir, "marval_2d.png"))
+    panels += [(f"after RL, penalty {args.reg_weight:g}", x_rl[args.reg_weight], c,
+                f"reward {report['reward_after']:.2f} (student {report['reward_before']:.2f})"),
+               ("after RL, no penalty", x_rl[0.0], c,
+                f"reward {report['reward_after_unpenalised']:.2f}: on the peak")]
+    mm = report["mode_masses"]
+    masses = {"teacher": mm["teacher"], "student": mm["student"], f"RL, penalty {args.reg_weight:g}":
+              mm["rl_penalised"], "RL, no penalty": mm["rl_unpenalised"]}
+    save_figure(panels, history, masses, os.path.join(args.out_dir, "marval_2d.png"))
     print(f"GSIM: energy distance {history[0]['ed_over_floor']:.1f}x -> {end['ed_over_floor']:.2f}x the floor, "
           f"sliced W2 {end['sw_over_floor']:.2f}x; RL reward {report['reward_before']:.3f} -> "
           f"{report['reward_after']:.3f} (penalty {args.reg_weight:g}), {report['reward_after_unpenalised']:.3f} "

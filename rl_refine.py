@@ -228,17 +228,24 @@ def held_out(model, reference, tokenizer, reward_fn, evaluator, args, n_classes,
 
 def plot_tradeoff(history, path):
     """Held-out reward against toy FID over training (points labelled by step) and, with --watch-classifier, the
-    independent evaluator's accuracy against step beside it: does the reward gain hold for a judge never optimised?"""
+    independent evaluator's accuracy against step beside it: does the reward gain hold for a judge never optimised?
+    Toy FID exists only with --reward toy, so the reward here is the toy classifier's log p(label | image)."""
     pts = [h for h in history if "toy_fid" in h]
     if len(pts) < 2:
         return
-    panels = [dict(title="RL: held-out reward vs toy FID", xlabel="toy FID", ylabel="held-out reward",
-                   series=[("policy (EMA)", [(h["toy_fid"], h["heldout_reward"], h["step"]) for h in pts])])]
+    a, b = pts[0], pts[-1]
+    panels = [dict(title="RL: held-out reward vs toy FID (labels: step)",
+                   xlabel="toy FID of the held-out set (lower is better)",
+                   ylabel="held-out reward: log p(label | image), nats",
+                   series=[("policy (EMA)", [(h["toy_fid"], h["heldout_reward"], h["step"]) for h in pts])],
+                   note=f"step {a['step']}: reward {a['heldout_reward']:.3f}, FID {a['toy_fid']:.2f};  "
+                        f"step {b['step']}: reward {b['heldout_reward']:.3f}, FID {b['toy_fid']:.2f}")]
     if "independent_accuracy" in pts[0]:
-        panels.append(dict(title="accuracy over training", xlabel="step", ylabel="accuracy",
+        panels.append(dict(title="accuracy over training", xlabel="RL step", ylabel="held-out accuracy (fraction)",
                            series=[("reward's classifier", [(h["step"], h["heldout_accuracy"], None) for h in pts]),
                                    ("independent (never optimised)",
-                                    [(h["step"], h["independent_accuracy"], None) for h in pts])]))
+                                    [(h["step"], h["independent_accuracy"], None) for h in pts])],
+                           note=f"independent: {a['independent_accuracy']:.3f} -> {b['independent_accuracy']:.3f}"))
     common.plot_panels(panels, path)
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+import figures
 import mar
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")  # matched in any case
@@ -530,7 +531,7 @@ def main(argv=None):
     else:
         x, y = toy_digits("train")
         rows = torch.cat([x[y == k][:10] for k in range(10)])
-        grid = common.make_grid(rows, 10)
+        grid = figures.make_grid(rows, 10)
         grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST).save(args.out)
         print(f"wrote {args.out}")
 

@@ -31,6 +31,7 @@ import time
 import torch
 
 import common
+import figures
 import data
 import distill_gsim
 import evaluate
@@ -131,10 +132,10 @@ def evaluate_all(args, d, clf):
         report[name]["toy_fid_by_seed"] = [r["toy_fid"] for r in runs]
         report[name]["accuracy_by_seed"] = [r["accuracy"] for r in runs]
     real_x, real_y = data.toy_digits("heldout")
-    common.save_titled_grids([("real (held-out)", real_x, real_y)]
+    figures.save_titled_grids([("real (held-out)", real_x, real_y)]
                                + [(TITLES[n], *grids[n]) for n in models], os.path.join(args.out_dir, "grids.png"))
     for name, (imgs, labels) in grids.items():
-        common.save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{name}.png"))
+        figures.save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{name}.png"))
     # Speed: 200 images per call (MAR at K = 64 predicts ~4 of 256 tokens per step; K = 4 on 16 tokens is the toy's
     # analogue), a warm-up call first, the best of two timed calls. The teacher pays 100 head steps per token and the
     # CFG doubling of its batch; the students pay one head call and no doubling. Only at the evaluation's K: how the

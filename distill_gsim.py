@@ -72,6 +72,7 @@ import torch.nn.functional as F
 
 import data
 import common
+import figures
 import evaluate
 import mar
 
@@ -511,7 +512,7 @@ def main(argv=None):
     common.cleanup_distributed()
     if evaluator is not None and common.is_main():
         for who, (imgs, labels) in report.pop("images").items():
-            common.save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{who}.png"))
+            figures.save_class_grid(imgs, labels, os.path.join(args.out_dir, f"grid_{who}.png"))
         with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
             json.dump(report, f, indent=2)
         for who in ("teacher", "student"):

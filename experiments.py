@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 import common
+import figures
 import data
 import demo
 import distill_gsim
@@ -142,7 +143,7 @@ def headline_and_diversity(args, ev, teacher, student, seeds):
     pick = torch.randperm(len(real_x), generator=torch.Generator().manual_seed(0))[: args.eval_images]
     diversity["real_precision"], diversity["real_recall"] = evaluate.precision_recall(
         ev.ref_feats, ev.features(real_x[pick]), k=3)
-    common.save_titled_grids([("real (held-out)", *data.toy_digits("heldout")), ("teacher", *t_first),
+    figures.save_titled_grids([("real (held-out)", *data.toy_digits("heldout")), ("teacher", *t_first),
                                 ("student (1 step)", *s_first)], os.path.join(args.out_dir, "grids.png"))
     return {"headline": headline, "diversity": diversity}
 
@@ -269,7 +270,7 @@ def figures(rep, out_dir):
         if "teacher_is" in cfg[0]:
             series.insert(0, ("teacher: 100 steps at cfg", [(r["teacher_is"], r["teacher_fid"], f"{r['cfg']:g}")
                                                             for r in cfg]))
-        common.plot_panels([dict(title="CFG trade-off: FID against IS (labels: cfg)", xlabel="toy IS (higher: "
+        figures.plot_panels([dict(title="CFG trade-off: FID against IS (labels: cfg)", xlabel="toy IS (higher: "
                                  "more confident classes)", ylabel=fid_axis, series=series, **floor_line)],
                            os.path.join(out_dir, "fig_cfg.png"), size=(6.4, 4.6))
     if rep.get("num_iter_sweep"):
@@ -287,10 +288,10 @@ def figures(rep, out_dir):
         if "student_sec_per_image" in ks[0]:
             speed["note"] = "seconds per image, student: " + ", ".join(
                 f"K={r['num_iter']} {1e3 * r['student_sec_per_image']:.1f} ms" for r in ks)
-        common.plot_panels([fid, speed], os.path.join(out_dir, "fig_num_iter.png"))
+        figures.plot_panels([fid, speed], os.path.join(out_dir, "fig_num_iter.png"))
     if rep.get("diversity", {}).get("teacher_class_recall"):
         div = rep["diversity"]
-        common.plot_panels([dict(title="mode coverage: recall of each class's held-out digits", xlabel="digit class",
+        figures.plot_panels([dict(title="mode coverage: recall of each class's held-out digits", xlabel="digit class",
                                  ylabel="recall, k = 3 (fraction)", ylim=(0, 1),
                                  series=[(f"{m} (mean {div[f'{m}_recall']:.3f})",
                                           [(c, v, None) for c, v in enumerate(div[f"{m}_class_recall"])])

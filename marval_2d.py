@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 
 import common
+import figures
 import mar
 from distill_gsim import aux_dsm_loss, gsim_generator_loss
 from gaussian_diffusion import GaussianDiffusion
@@ -306,7 +307,7 @@ def save_figure(panels, history, masses, path):
     """One PNG. Top row: scatter panels [(title, samples (N, 2), classes (N,), note)], all on the same [-2, 2]^2
     window. Bottom left: the student's distance to the teacher against GSIM iterations in multiples of the floor
     (log scale; 1 is the floor). Bottom right: class 0's mode masses (the weights GSIM must keep, RL may move)."""
-    plt = common.pyplot()
+    plt = figures.pyplot()
     n = len(panels)
     fig = plt.figure(figsize=(2.6 * n, 6.6))
     grid = fig.add_gridspec(2, n, height_ratios=(1, 0.8), hspace=0.55, wspace=0.3)

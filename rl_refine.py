@@ -67,6 +67,7 @@ import torch
 import data
 import evaluate
 import common
+import figures
 import mar
 import rewards
 
@@ -246,7 +247,7 @@ def plot_tradeoff(history, path):
                                    ("independent (never optimised)",
                                     [(h["step"], h["independent_accuracy"], None) for h in pts])],
                            note=f"independent: {a['independent_accuracy']:.3f} -> {b['independent_accuracy']:.3f}"))
-    common.plot_panels(panels, path)
+    figures.plot_panels(panels, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,7 +449,7 @@ def main(argv=None):
             best = dict(rec)
             save(os.path.join(args.out_dir, "checkpoint-best.pth"))
             if toy and common.is_main():
-                common.save_class_grid(imgs, labels, os.path.join(args.out_dir, "grid_best.png"))
+                figures.save_class_grid(imgs, labels, os.path.join(args.out_dir, "grid_best.png"))
         return rec
 
     # -- loop ------------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import common
+import figures
 import evaluate
 import mar
 
@@ -327,7 +328,7 @@ def toy_tokenizer_for_run(args, ckpt_path, device):
 def evaluate_toy_teacher(imgs, labels, sec, args):
     """Score the toy teacher's samples (100 head steps per token) with the toy classifier; grid.png."""
     ev = evaluate.ToyEvaluator(args.classifier)
-    common.save_class_grid(imgs, labels, os.path.join(args.out_dir, "grid.png"))
+    figures.save_class_grid(imgs, labels, os.path.join(args.out_dir, "grid.png"))
     return dict(ev(imgs, labels), real_split_fid=ev.real_split_fid(), sec_per_image=sec,
                 num_images=len(imgs), num_iter=args.eval_num_iter, cfg=args.eval_cfg, diffusion_steps=100)
 

@@ -52,8 +52,9 @@ def test_dry_run_reports_every_stage(base_table):
     for r in base_table["stages"]:
         assert r["peak_gib"] >= r["parameters_gib"] + r["activations_gib"] > 0 and isinstance(r["fits_80gb"], bool)
     by = {r["stage"]: r for r in base_table["stages"]}
-    # the README commands' per-GPU batches: 64 (MAR, GSIM, sample.py), 2 (RL), 50 (evaluate.py)
-    assert [by[s]["per_gpu_batch"] for s in ("train", "gsim", "rl", "sample_student", "inception")] == [64, 64, 2, 64, 50]
+    # the README commands' per-GPU batches: 64 (MAR, GSIM), 2 (RL), 256 (sample.py), 50 (evaluate.py)
+    assert [by[s]["per_gpu_batch"] for s in ("train", "gsim", "rl", "sample_student", "inception")] == [64, 64, 2, 256,
+                                                                                                       50]
     # MAR-B's 207,924,768 fp32 parameters; GSIM adds the student head, its EMA and the aux head (3 x 37.7M, fp32)
     assert by["sample_student"]["parameters_gib"] == pytest.approx((207_924_768 * 4 + 66_456_019 * 4) / 2 ** 30,
                                                                    rel=1e-3)  # + the KL-16 decoder's 66.5M
@@ -62,7 +63,7 @@ def test_dry_run_reports_every_stage(base_table):
 
 
 def test_sampling_keeps_no_graph_at_paper_size():
-    """sample.py's step at MAR-B, 64 images: the peak is the same at K = 16 and K = 64 (a kept autograd graph would
+    """sample.py's step at MAR-B, 256 images: the peak is the same at K = 16 and K = 64 (a kept autograd graph would
     grow with every AR step), and the teacher's does not grow with its head steps."""
     k16 = bench.dry_stage("sample_student", "mar_base", student=True, num_iter=16)
     k64 = bench.dry_stage("sample_student", "mar_base", student=True, num_iter=64)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import figures
 import data
 import evaluate
 import experiments
@@ -133,7 +133,7 @@ def test_toy_sizes():
 
 def test_plot_panels(tmp_path):
     path = str(tmp_path / "f.png")
-    common.plot_panels([dict(title="a", xlabel="x", ylabel="y", series=[("s", [(0, 0, "p"), (1, 2, None)])]),
+    figures.plot_panels([dict(title="a", xlabel="x", ylabel="y", series=[("s", [(0, 0, "p"), (1, 2, None)])]),
                         dict(title="b", xlabel="x", ylabel="y", series=[])], path)
     with Image.open(path) as im:
         assert im.size == (2 * 520, 400)

@@ -440,7 +440,7 @@ def launch_counts(name, cfg):
 
 # ==== Time model: seconds and hours of each stage from its FLOPs and launches, fitted on published times =========
 #
-# t_step = sum over precisions p of FLOPs_p / (peak_p u) + launches x t_launch          (DESIGN.md, section 15)
+# t_step = sum over precisions p of FLOPs_p / (peak_p u) + launches x t_launch     (docs/results.md, section 12)
 # Matmuls, convolutions and attention run at a fraction u of the GPU's dense peak in their precision; the rest (norms,
 # activations, copies, optimizer updates) is short memory-bound work, priced per kernel with the host's cost of a launch
 # (Python, dispatch, the launch): t_launch. Dense peaks, FLOP/s without sparsity (NVIDIA's A100 and H100 SXM

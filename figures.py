@@ -8,6 +8,8 @@ import os
 
 import torch
 
+# One colour per series, in order, in every figure of the project: where a figure has a teacher it is the first
+# series (blue) and the student the second (orange), so a reader can follow them across figures.
 PALETTE = ("steelblue", "darkorange", "seagreen", "firebrick", "purple")
 
 
@@ -27,6 +29,7 @@ def plot_panels(panels, path, size=(5.2, 4.0), dpi=100):
     series' labels), hline (y, text): a reference line such as a floor, and note: a line of numbers under the axes.
     Every panel has ticks, tick labels, a grid and a legend."""
     plt = pyplot()
+    # One row of axes, one per panel; squeeze=False keeps `axes` two-dimensional even for a single panel.
     fig, axes = plt.subplots(1, len(panels), figsize=(size[0] * len(panels), size[1]), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for j, (name, series) in enumerate(panel["series"]):

@@ -255,7 +255,7 @@ def steps_per_epoch():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def figures(rep, out_dir):
+def draw_figures(rep, out_dir):
     """fig_cfg.png (the paper's FID-IS trade-off curve), fig_num_iter.png (quality and speed-up against K: where the
     one-step student sits), fig_diversity.png (per-class recall on a 0-1 axis); fig_rl.png is rl_refine.py's own.
     Draws from a report.json's numbers alone (`python experiments.py --redraw report.json`), so a figure is redrawn
@@ -444,7 +444,7 @@ def main(argv=None):
     if args.redraw:  # the figures from recorded numbers: seconds, not the half hour of the sections
         os.makedirs(args.out_dir, exist_ok=True)
         with open(common.input_path("--redraw", args.redraw, "a report.json written by experiments.py")) as f:
-            figures(json.load(f), args.out_dir)
+            draw_figures(json.load(f), args.out_dir)
         return None
     args.cfgs = [float(v) for v in args.cfgs.split(",")]
     args.num_iters = [int(v) for v in args.num_iters.split(",")]
@@ -499,7 +499,7 @@ def main(argv=None):
     rep["shapes"] = shapes(rep)
     rep["settings"] = {**base, "sweep_distill_epochs": args.sweep_distill_epochs, **common.machine()}
     rep["seconds"] = {**seconds, "all_stages_and_sections": sum(seconds.values()), "this_invocation": time.time() - t0}
-    figures(rep, args.out_dir)
+    draw_figures(rep, args.out_dir)
     rl_fig = os.path.join(d("student_rl"), "reward_vs_fid.png")
     if os.path.exists(rl_fig):
         shutil.copyfile(rl_fig, os.path.join(args.out_dir, "fig_rl.png"))

@@ -25,7 +25,6 @@ which the main process joins into samples.npz (and deletes) after the process gr
 import argparse
 import json
 import os
-import shutil
 import time
 
 import numpy as np
@@ -150,6 +149,8 @@ def main(argv=None):
         raise common.UsageError(f"--out-dir {args.out_dir} is a file; give a folder for the images")
     img_dir = os.path.join(args.out_dir, "images")
     old = earlier_samples(args.out_dir)
+    # listed before the process group starts (its rendezvous waits for every rank): no rank removes any before all list
+    pngs = sorted(os.listdir(img_dir)) if old and os.path.isdir(img_dir) else []
     if old and not args.overwrite:  # an earlier run's images beside this run's would be read as this run's
         raise common.UsageError(f"--out-dir {args.out_dir} already holds samples ({os.path.basename(old[0])}): "
                                 "pass --overwrite to replace them, or give another --out-dir")
@@ -183,11 +184,13 @@ def main(argv=None):
     if (args.class_num or 0) > model.class_num:
         raise common.UsageError(f"--class-num {args.class_num} is more than the model's {model.class_num} classes")
     labels = labels_for(args.num_images, args.class_num or model.class_num)
-    if common.is_main():  # --overwrite: the earlier run's files go before this run writes any
-        for f in old:
-            shutil.rmtree(f) if os.path.isdir(f) else os.remove(f)
+    if old:  # --overwrite: the earlier run's files go before this run writes any, the PNGs shared out over the ranks
+        for i in common.my_share(len(pngs)):
+            os.remove(os.path.join(img_dir, pngs[i]))
+        for f in (f for f in old if f != img_dir and common.is_main()):
+            os.remove(f)
     if dist.is_initialized():
-        dist.barrier()  # before any rank writes into the folder the main process empties
+        dist.barrier()  # before any rank writes into the folder the earlier run's files are gone
     os.makedirs(img_dir, exist_ok=True)
     mode = "one-step (MARVAL)" if args.one_step else f"teacher, {args.num_diffusion_steps} head steps"
     common.print0(f"sampling {args.num_images} images, {mode}, K={args.num_iter}, cfg {args.cfg} "

@@ -30,8 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
                                           (64, 30 * (1_281_167 // 512))])                # GSIM's 30 epochs at 512
 def test_step_seeds_are_distinct_over_every_rank_and_step(world, steps):
     """Every (rank, step, stream) of a default-length run gets its own seed, and distinct in the low 32 bits, all that
-    torch's CPU generator keeps. The stride formula it replaces (seed * 1,000,003 + rank * 7,919 + step) repeated
-    seven of every eight RL batches on 8 ranks."""
+    torch's CPU generator keeps (fixed prime strides, seed * 1,000,003 + rank * 7,919 + step, would repeat seven of
+    every eight RL batches on 8 ranks)."""
     step = np.arange(steps, dtype=np.uint64)[:, None]                          # (steps, 1)
     rank = np.arange(world, dtype=np.uint64)[None]                             # (1, world)
     low = np.concatenate([common.step_seed(1, rank, step, world, stream) & 0xFFFFFFFF for stream in range(3)])

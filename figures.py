@@ -40,6 +40,8 @@ def plot_panels(panels, path, size=(5.2, 4.0), dpi=100):
             for x, y, label in series:
                 if label is not None:
                     dx, dy = panel.get("label_offsets", ((5, 5), (5, -12)))[j % 2]  # points; dx < 0: left
+                    if x == max(xs) and len(xs) > 1:  # the rightmost label goes left: inside the axes
+                        dx = -abs(dx)
                     ax.annotate(str(label), (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
                                 ha="right" if dx < 0 else "left", color=PALETTE[j % len(PALETTE)])
         if "hline" in panel:

@@ -11,9 +11,8 @@ with a reward. Here the "token" is a point in the plane and c is one of two clas
   2. Stage 1, GSIM: a one-step generator g(z, c) = mar.one_step_x0 (z read as x_400; G below is its eps network) and
      an auxiliary eps network, both copies of the teacher at the start, trained in turn with the project's
      `gsim_generator_loss` (time weight sigma_t, p = 1; the digits toy uses p = 3) and `aux_dsm_loss`, towards the
-     floor: how far apart two sets of teacher samples are. The generator trains the residual of its eps network and
-     keeps the teacher's mixture part: trained, the mixture's width shrinks and the student becomes a polygon per
-     class (`run_gsim` says why; --train-student-mixture shows it).
+     floor: how far apart two sets of teacher samples are. What the generator must learn is a steep switch between
+     modes; its eps network reads x through Fourier features so that it can (`run_gsim`; --raw-inputs: polygons).
   3. Stage 2, RL: a reward (the log density of a target disc that overlaps some modes) back-propagated through the
      one-step generator, with and without the DRaFT+ penalty toward the frozen student: without it every sample
      piles onto the reward's peak (reward hacking); with it the student moves less.
@@ -30,7 +29,8 @@ Knobs, and what a student of the course sees (measured; the numbers: docs/result
   --flip-sign         y -> -y: GSIM drives the student away from the teacher; each class collapses onto one mode.
   --detach-dprime     Delta without gradient, so d(y) and d'(y) are constants and only eps_phi(x_t) in the
                       projection term carries one (tests/test_gsim.py's 1-D "detached").
-  --train-student-mixture  the generator trains its mixture part too: each class becomes a polygon (`run_gsim`).
+  --raw-inputs        the residuals read raw coordinates, no Fourier features: each class becomes a polygon
+                      (`run_gsim` says why).
   --aux-steps 1       one aux update per generator update.
   --cfg 2             a stronger guidance: the teacher's modes sharpen and its weakest mode nearly vanishes.
   --r 1               a large pseudo-Huber constant turns d(y) into a squared loss.
@@ -80,29 +80,42 @@ def mixture_eps(x_t, t, c, log_w, means, log_std):
     return -sig2.sqrt() * score
 
 
+X_FREQS = (1.0, 2.0, 4.0, 8.0)  # Fourier features of x for the residual: periods 2 pi / f, from 6.3 down to 0.8
+
+
 class MixtureEpsNet(nn.Module):
     """eps(x_t, t, c): the mixture's exact eps with trainable log-weights, means and widths, plus an MLP residual on
-    [x_t, sinusoidal(t), one-hot c] whose last layer starts at zero. At initialisation it IS the teacher: MARVAL
-    initialises the student and the auxiliary network as full copies of the teacher's head. The aux network trains
-    every parameter (freezing its mixture part stalls: a smooth residual hardly moves the sharp switch between modes
-    that the mixture part puts in eps); the one-step generator trains its residual only (`run_gsim`: why)."""
+    [x_t, cos / sin(f x_t) for f in X_FREQS, sinusoidal(t), one-hot c] whose last layer starts at zero. At
+    initialisation it IS the teacher: MARVAL initialises the student and the auxiliary network as full copies of the
+    teacher's head, and both train every parameter.
 
-    def __init__(self, width=128):
+    Why the residual reads x through Fourier features (Tancik et al. 2020, arXiv:2006.10739): the one-step generator
+    needs a steep function, the switch from one mode to the next (`run_gsim`), and a small MLP on raw 2-D coordinates
+    learns steep functions slowly (its spectral bias, Rahaman et al. 2019, arXiv:1806.08734): 3,000 Adam steps at
+    1e-3 move a weight by at most 3. raw_inputs=True drops the features: the student becomes a polygon per class."""
+
+    def __init__(self, width=128, raw_inputs=False):
         super().__init__()
         self.log_w, self.means = nn.Parameter(LOG_WEIGHTS.clone()), nn.Parameter(MODE_MEANS.clone())
         self.log_std = nn.Parameter(torch.full((3,), math.log(MODE_STD)))
-        self.net = nn.Sequential(nn.Linear(2 + 16 + 3, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+        self.register_buffer("x_freqs", torch.tensor([] if raw_inputs else X_FREQS))
+        n_in = 2 + 4 * len(self.x_freqs) + 16 + 3
+        self.net = nn.Sequential(nn.Linear(n_in, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
                                  nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x, t, c):
-        freqs = t[:, None].float() * torch.exp(-math.log(1000) * torch.arange(8) / 8)  # (N, 8)
-        h = torch.cat([x, freqs.cos(), freqs.sin(), nn.functional.one_hot(c, 3).float()], -1)
+        t_f = t[:, None].float() * torch.exp(-math.log(1000) * torch.arange(8) / 8)  # (N, 8)
+        x_f = (x[:, :, None] * self.x_freqs).flatten(1)                                # (N, 2 F)
+        h = torch.cat([x, x_f.cos(), x_f.sin(), t_f.cos(), t_f.sin(), nn.functional.one_hot(c, 3).float()], -1)
         return mixture_eps(x, t, c, self.log_w, self.means, self.log_std) + self.net(h)  # (N, 2)
 
 
-TEACHER = MixtureEpsNet().requires_grad_(False)  # the exact mixture (its residual is zero)
+def teacher(x_t, t, c):
+    """The teacher's exact eps (N, 2): what MixtureEpsNet() computes at initialisation, without its residual (zero
+    there, and two thirds of the cost of a 100-step sample)."""
+    return mixture_eps(x_t, t, c, LOG_WEIGHTS, MODE_MEANS, torch.full((3,), math.log(MODE_STD)))
 
 
 def sample_mixture(c, gen):
@@ -120,7 +133,7 @@ def teacher_sample(c, cfg, gen, steps=100):
     null = torch.full_like(c, NULL)
     for k in reversed(range(steps)):
         t = torch.full((len(c),), k)
-        eps = mar.guided_eps(TEACHER, x, diff.original_t(t), c, null, cfg)             # (N, 2)
+        eps = mar.guided_eps(teacher, x, diff.original_t(t), c, null, cfg)             # (N, 2)
         out = torch.cat([eps, -torch.ones_like(eps)], -1)  # variance channel -1: frac 0, the posterior variance
         x = diff.p_sample(out, x, t, torch.randn(x.shape, generator=gen))
     return x
@@ -147,7 +160,7 @@ def generator_loss(G, aux, c, z, gen, cfg, r=1e-5, path_weight=1.0, flip_sign=Fa
     t = torch.randint(20, 981, (len(z),), generator=gen)                            # (N,)
     eps = torch.randn(x0.shape, generator=gen)                                      # (N, 2)
     x_t = DIFF.q_sample(x0, t, eps)                                                 # (N, 2), graph to G
-    e_p = mar.guided_eps(TEACHER, x_t, t, c, torch.full_like(c, NULL), cfg)         # guided teacher eps (Eq. 10)
+    e_p = mar.guided_eps(teacher, x_t, t, c, torch.full_like(c, NULL), cfg)         # guided teacher eps (Eq. 10)
     e_a = aux(x_t, t, c)                                                            # (N, 2)
     if flip_sign:               # y -> -y
         e_p = 2 * e_a - e_p
@@ -179,28 +192,25 @@ def gsim_iteration(G, aux, opt_g, opt_a, batch, gen, args):
 
 def run_gsim(args, gen, watch=None):
     """Stage 1: distil the guided teacher into a one-step generator for args.iters iterations; returns its EMA.
-    Adam (0, 0.999) at 1e-3 for both networks, the generator's lr decaying linearly to 0 (the pseudo-Huber direction
-    does not shrink near the optimum, so a constant lr keeps the student jittering), EMA 0.99, two aux updates per
-    generator update. watch(i, G_ema), if given, is called before iteration i and after the last.
+    Adam (0, 0.999) at 1e-3 for both networks, the generator's lr constant for the first half and then decaying
+    linearly to 0 (the pseudo-Huber direction does not shrink near the optimum, so a constant lr to the end keeps the
+    student jittering), EMA 0.99, two aux updates per generator update. watch(i, G_ema), if given, is called before iteration i and after the last.
 
-    The generator trains its MLP residual; its mixture part keeps the teacher's weights, means and widths (unless
-    args.train_student_mixture). Why: read at t* = 400 the mixture part gives x0 = k z + (1 - k') sum_m r_m(z) mu_m,
-    a small multiple of z plus a convex combination of the means with soft responsibilities r_m(z), and one width
-    per class sets both how wide each mode is (k = a s^2 / (a^2 s^2 + sigma^2)) and how soft the switch between modes
-    is. Trained by GSIM, that width is among the first things to move, and it shrinks (0.25 -> 0.16 in 1,500
-    iterations): the student's modes become points at the corners of its class's polygon and the mass lies on the
-    convex combinations between them, the polygons' edges. The residual, left alone, widens the modes instead
-    (docs/results.md, section 3: the runs that showed it; at cfg 1 the fully trained network, given 3,000
-    iterations, ends closer to the teacher, so the choice is measured for this lesson's cfg 1.2 only)."""
-    G, aux = MixtureEpsNet(), MixtureEpsNet()
+    What GSIM has to learn here. Read at t* = 400, the teacher's eps gives the posterior mean
+    x0 = k z + (1 - k') sum_m r_m(z) mu_m: a small multiple of z (k = 0.13) plus a convex combination of the means
+    whose responsibilities r_m(z) switch from one mode to the next over |z| ~ 1 (at t* = 400 the noised modes are 0.63
+    wide and 1.14 apart), so most of z-space lies in a switch and lands between modes. A one-step sampler needs the
+    switch steep: the mass on the bridge between two modes is the z-mass inside their switch. With the residual on raw
+    coordinates (args.raw_inputs) the quickest steepening GSIM finds is the mixture's one width per class (it sets
+    both k and the switch's softness): it shrinks, the modes become points at the corners of a polygon and the mass
+    lies on its edges. With Fourier features (`MixtureEpsNet`) the residual makes the switch itself
+    (docs/results.md, section 3: the runs that showed it)."""
+    G, aux = MixtureEpsNet(raw_inputs=args.raw_inputs), MixtureEpsNet(raw_inputs=args.raw_inputs)
     G_ema = copy.deepcopy(G).requires_grad_(False)
-    if not args.train_student_mixture:
-        for p in (G.log_w, G.means, G.log_std):
-            p.requires_grad_(False)
-    opt_g = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=args.lr,
-                             betas=(0.0, 0.999))                          # betas (0, 0.999): distill_gsim note 6
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.999))  # betas (0, 0.999): distill_gsim note 6
     opt_a = torch.optim.Adam(aux.parameters(), lr=args.lr, betas=(0.0, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda i: 1 - i / max(args.iters, 1))
+    # the generator's lr: constant for the first half, then linear to 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda i: min(1.0, 2 - 2 * i / max(args.iters, 1)))
     for i in range(args.iters):
         if watch is not None:
             watch(i, G_ema)
@@ -263,6 +273,28 @@ def per_class(metric, x, ref, c):
     return sum(metric(x[c == k], ref[c == k]) for k in range(2)) / 2
 
 
+SETS, FLOOR_SETS = 4, 8  # sets of student samples behind each distance; sets of teacher samples behind the floor
+
+
+def distances(xs, refs, c):
+    """Energy distance and sliced W2 of sample sets xs[k] to refs[k] (each (N, 2), classes c), averaged over k."""
+    return {m: sum(per_class(f, x, ref, c) for x, ref in zip(xs, refs)) / len(xs)
+            for m, f in (("ed", energy_distance), ("sw", sliced_w2))}
+
+
+def floor_of(refs, c):
+    """The floor: what `distances` gives, on average, for two independent sets of teacher samples; refs is a list of
+    such sets. The energy distance is a V-statistic, whose mean for two sets of N and M samples of one law is
+    E|X - X'| (1/N + 1/M): estimated from the distances between every pair of sets it is steady to 0.3%, while one
+    pair's own energy distance ranges over about 0.6x to 1.5x of it. Sliced W2 has no such formula: its floor is the
+    mean over every pair. Returns the floor and each pair's `distances`."""
+    pairs = [(a, b) for i, a in enumerate(refs) for b in refs[i + 1:]]
+    mean_ed = [per_class(lambda a, b: torch.cdist(a, b).mean().item() * (1 / len(a) + 1 / len(b)), a, b, c)
+               for a, b in pairs]
+    each = [distances([a], [b], c) for a, b in pairs]
+    return {"ed": sum(mean_ed) / len(pairs), "sw": sum(p["sw"] for p in each) / len(pairs)}, each
+
+
 def mode_masses(x, c):
     """Share of each class's samples nearest to each of its own four modes: (2, 4)."""
     out = torch.zeros(2, 4)
@@ -303,10 +335,11 @@ def scatter(ax, x, c, title, note=""):
     ax.text(0.5, -0.3, note, transform=ax.transAxes, ha="center", va="top", fontsize=8)
 
 
-def save_figure(panels, history, masses, path):
+def save_figure(panels, history, masses, path, floor_range):
     """One PNG. Top row: scatter panels [(title, samples (N, 2), classes (N,), note)], all on the same [-2, 2]^2
     window. Bottom left: the student's distance to the teacher against GSIM iterations in multiples of the floor
-    (log scale; 1 is the floor). Bottom right: class 0's mode masses (the weights GSIM must keep, RL may move)."""
+    (log scale; 1 is the floor), with floor_range (lowest, highest) the energy distance of single pairs of teacher
+    sets over the floor, shaded. Bottom right: class 0's mode masses (the weights GSIM must keep, RL may move)."""
     plt = figures.pyplot()
     n = len(panels)
     fig = plt.figure(figsize=(2.6 * n, 6.6))
@@ -325,7 +358,8 @@ def save_figure(panels, history, masses, path):
     it = [h["iter"] for h in history]
     ax.plot(it, [h["ed_over_floor"] for h in history], "o-", ms=3, label="energy distance / its floor")
     ax.plot(it, [h["sw_over_floor"] for h in history], "s-", ms=3, label="sliced W2 / its floor")
-    ax.axhline(1, color="gray", ls="--", lw=1, label="the floor: two sets of teacher samples")
+    ax.axhline(1, color="gray", ls="--", lw=1, label="the floor: two sets of teacher samples (mean)")
+    ax.axhspan(*floor_range, color="gray", alpha=0.15, lw=0, label="energy distance of one pair of teacher sets")
     end = history[-1]
     ax.annotate(f"{end['ed_over_floor']:.2f}x", (end["iter"], end["ed_over_floor"]), textcoords="offset points",
                 xytext=(-10, 8), fontsize=8)
@@ -362,8 +396,8 @@ def get_args(argv=None):
     p.add_argument("--path-weight", type=common.NONNEG, default=1.0, help="1: GSIM; 0: SIM's loss")
     p.add_argument("--flip-sign", action="store_true", help="y -> -y in the generator loss")
     p.add_argument("--detach-dprime", action="store_true", help="no gradient through Delta (d'(y) detached)")
-    p.add_argument("--train-student-mixture", action="store_true",
-                   help="the generator trains its mixture part too (weights, means, widths): the polygons")
+    p.add_argument("--raw-inputs", action="store_true",
+                   help="both eps networks' residuals read raw x, no Fourier features: the polygons")
     p.add_argument("--aux-steps", type=common.COUNT, default=2, help="aux DSM updates per generator update")
     p.add_argument("--rl-steps", type=common.COUNT, default=300)
     p.add_argument("--reg-weight", type=common.NONNEG, default=16.0, help="DRaFT+ penalty of the penalised RL run")
@@ -375,36 +409,39 @@ def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    n = 4000
-    c = torch.arange(n) % 2
-    # the floor: two independent teacher sample sets are this far apart
-    ref, ref2 = teacher_sample(c, args.cfg, gen), teacher_sample(c, args.cfg, gen)
-    floor = {"ed": per_class(energy_distance, ref2, ref, c), "sw": per_class(sliced_w2, ref2, ref, c)}
+    c = torch.arange(4000) % 2
+    # The floor: how far apart two independent sets of 4,000 teacher samples are (floor_of, over every pair of
+    # FLOOR_SETS sets). The student: SETS sets of its samples, each against one teacher set, averaged.
+    refs = [teacher_sample(c, args.cfg, gen) for _ in range(FLOOR_SETS)]
+    floor, pairs = floor_of(refs, c)
 
     history, snapshots = [], {}
     marks = {0, args.iters // 10, args.iters // 2, args.iters}
 
     def watch(i, G_ema):  # the student's distance to the teacher, in multiples of the floor, along the run
         if i in marks or i % max(1, args.iters // 15) == 0:
-            x = student_sample(G_ema, c, seed=1)
-            history.append({"iter": i, "ed_over_floor": per_class(energy_distance, x, ref, c) / floor["ed"],
-                            "sw_over_floor": per_class(sliced_w2, x, ref, c) / floor["sw"]})
+            xs = [student_sample(G_ema, c, seed=1 + k) for k in range(SETS)]
+            d = distances(xs, refs[:SETS], c)
+            history.append({"iter": i, "ed_over_floor": d["ed"] / floor["ed"], "sw_over_floor": d["sw"] / floor["sw"]})
             if i in marks:
-                snapshots[i] = x
+                snapshots[i] = xs
 
     G_ema = run_gsim(args, gen, watch)
     student = G_ema
-    x_student = snapshots[args.iters]
+    x_student = snapshots[args.iters][0]
     rl = {beta: rl_refine(student, args.rl_steps, beta, args.batch, gen) for beta in (args.reg_weight, 0.0)}
     x_rl = {beta: student_sample(net, c, seed=1) for beta, net in rl.items()}
     end = history[-1]
     report = {
         "ed_over_floor": end["ed_over_floor"], "sw_over_floor": end["sw_over_floor"],
         "ed_over_floor_start": history[0]["ed_over_floor"], "floor": floor, "history": history,
-        "mode_masses": {"true": CLASS_WEIGHTS.tolist(), "teacher": mode_masses(ref, c).tolist(),
-                        "student": mode_masses(x_student, c).tolist(),
+        "floor_pairs_over_floor": [{m: p[m] / floor[m] for m in p} for p in pairs],
+        "mode_masses": {"true": CLASS_WEIGHTS.tolist(),
+                        "teacher": mode_masses(torch.cat(refs), c.repeat(FLOOR_SETS)).tolist(),
+                        "student": mode_masses(torch.cat(snapshots[args.iters]), c.repeat(SETS)).tolist(),
                         "rl_penalised": mode_masses(x_rl[args.reg_weight], c).tolist(),
                         "rl_unpenalised": mode_masses(x_rl[0.0], c).tolist()},
+        "student_mode_std": student.log_std[:2].exp().tolist(),  # the mixture part's width per class (teacher 0.25)
         "reward_before": reward(x_student).mean().item(), "reward_after": reward(x_rl[args.reg_weight]).mean().item(),
         "reward_after_unpenalised": reward(x_rl[0.0]).mean().item(), "settings": vars(args)}
     os.makedirs(args.out_dir, exist_ok=True)
@@ -412,8 +449,8 @@ def main(argv=None):
         json.dump(report, f, indent=2)
 
     ed = {h["iter"]: h["ed_over_floor"] for h in history}
-    panels = [(f"teacher: 100 steps, cfg {args.cfg:g}", ref, c, "what GSIM distils (its samples)")]
-    panels += [(f"student, GSIM iteration {i}", snapshots[i], c, f"energy distance {ed[i]:.2f}x the floor")
+    panels = [(f"teacher: 100 steps, cfg {args.cfg:g}", refs[0], c, "what GSIM distils (its samples)")]
+    panels += [(f"student, GSIM iteration {i}", snapshots[i][0], c, f"energy distance {ed[i]:.2f}x the floor")
                for i in sorted(snapshots)]
     panels += [(f"after RL, penalty {args.reg_weight:g}", x_rl[args.reg_weight], c,
                 f"reward {report['reward_after']:.2f} (student {report['reward_before']:.2f})"),
@@ -422,7 +459,8 @@ def main(argv=None):
     mm = report["mode_masses"]
     masses = {"teacher": mm["teacher"], "student": mm["student"], f"RL, penalty {args.reg_weight:g}":
               mm["rl_penalised"], "RL, no penalty": mm["rl_unpenalised"]}
-    save_figure(panels, history, masses, os.path.join(args.out_dir, "marval_2d.png"))
+    spread = [p["ed"] for p in report["floor_pairs_over_floor"]]
+    save_figure(panels, history, masses, os.path.join(args.out_dir, "marval_2d.png"), (min(spread), max(spread)))
     print(f"GSIM: energy distance {history[0]['ed_over_floor']:.1f}x -> {end['ed_over_floor']:.2f}x the floor, "
           f"sliced W2 {end['sw_over_floor']:.2f}x; RL reward {report['reward_before']:.3f} -> "
           f"{report['reward_after']:.3f} (penalty {args.reg_weight:g}), {report['reward_after_unpenalised']:.3f} "

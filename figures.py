@@ -40,8 +40,6 @@ def plot_panels(panels, path, size=(5.2, 4.0), dpi=100):
             for x, y, label in series:
                 if label is not None:
                     dx, dy = panel.get("label_offsets", ((5, 5), (5, -12)))[j % 2]  # points; dx < 0: left
-                    if x == max(xs) and len(xs) > 1:  # the rightmost label goes left: inside the axes
-                        dx = -abs(dx)
                     ax.annotate(str(label), (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
                                 ha="right" if dx < 0 else "left", color=PALETTE[j % len(PALETTE)])
         if "hline" in panel:
@@ -61,6 +59,8 @@ def plot_panels(panels, path, size=(5.2, 4.0), dpi=100):
         if panel.get("note"):
             ax.text(0.0, -0.22, panel["note"], transform=ax.transAxes, fontsize=8, va="top")
         ax.margins(x=0.08, y=0.08)  # room for the labels of the outermost points
+        lo, hi = ax.get_xlim()      # and more on the right, where a label written right of its point ends
+        ax.set_xlim(lo, hi * (hi / lo) ** 0.1 if ax.get_xscale() == "log" else hi + 0.1 * (hi - lo))
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

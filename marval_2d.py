@@ -1,4 +1,4 @@
-"""MARVAL in two dimensions: the whole method on one 2-D "token", in about two minutes on a 2-core CPU.
+"""MARVAL in two dimensions: the whole method on one 2-D "token", in about a minute on a 2-core CPU.
 
 In MAR every token of an image is drawn by a small diffusion head from the condition c the transformer gives it;
 MARVAL (Gu et al. 2025, arXiv:2511.15190) replaces the head's ~100 reverse steps by ONE, then fine-tunes the result

@@ -7,10 +7,11 @@
    the teacher (unguided here, so exact samples give the floor). Its one-step generator (x0 from eps at t* = 400,
    docs/derivation.md section 2) and auxiliary eps network, both initialised as copies of the teacher and trained by
    marval_2d.run_gsim with `gsim_generator_loss` and `aux_dsm_loss`, must come close to the teacher's own sampling
-   noise floor (two independent sets of exact samples) in sliced Wasserstein and energy distance and recover the
-   mode weights; the same run with the sign of y flipped must fail the same check, and detaching x_t from both
-   networks (the DMD-style shortcut) must leave the generator with exactly zero gradient.
-   What this run reaches: docs/results.md, section 6.
+   noise floor (what two independent sets of exact samples score, marval_2d.floor_of) in sliced Wasserstein and
+   energy distance and recover the mode weights; the same run with the sign of y flipped must fail the same check,
+   and detaching x_t from both networks (the DMD-style shortcut) must leave the generator with exactly zero gradient.
+   What this run reaches: docs/results.md, section 6. The lesson's own default run (guided, cfg 1.2) is checked as a
+   reader runs it: within 2x the energy-distance floor, its modes' masses, RL raising the reward.
 """
 import math
 
@@ -195,7 +196,7 @@ def test_gsim_reaches_the_mixture_and_a_flipped_sign_does_not(truth):
 
 
 def test_the_2d_lesson_at_its_defaults(tmp_path):
-    """`python marval_2d.py` as a reader runs it (guided teacher at cfg 1.2, 3,000 iterations, about 75 s): the student
+    """`python marval_2d.py` as a reader runs it (guided teacher at cfg 1.2, 3,000 iterations, about a minute): the student
     ends within 2x the energy-distance floor and 1.5x the sliced-W2 floor (each the mean over pairs of 4,000-sample
     sets), class masses within 0.03 of the teacher's; RL with the DRaFT+ penalty raises the reward and keeps the
     masses, without it every class piles onto the reward's peak."""

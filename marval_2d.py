@@ -91,8 +91,9 @@ class MixtureEpsNet(nn.Module):
 
     Why the residual reads x through Fourier features (Tancik et al. 2020, arXiv:2006.10739): the one-step generator
     needs a steep function, the switch from one mode to the next (`run_gsim`), and a small MLP on raw 2-D coordinates
-    learns steep functions slowly (its spectral bias, Rahaman et al. 2019, arXiv:1806.08734): 3,000 Adam steps at
-    1e-3 move a weight by at most 3. raw_inputs=True drops the features: the student becomes a polygon per class."""
+    learns steep functions slowly (its spectral bias, Rahaman et al. 2019, arXiv:1806.08734): an Adam step moves a
+    weight by about the lr, so 3,000 steps at 1e-3 move it by a few units at most. raw_inputs=True drops the
+    features: the student becomes a polygon per class."""
 
     def __init__(self, width=128, raw_inputs=False):
         super().__init__()
@@ -114,7 +115,7 @@ class MixtureEpsNet(nn.Module):
 
 def teacher(x_t, t, c):
     """The teacher's exact eps (N, 2): what MixtureEpsNet() computes at initialisation, without its residual (zero
-    there, and two thirds of the cost of a 100-step sample)."""
+    there; skipping it makes a 100-step sample 7x faster)."""
     return mixture_eps(x_t, t, c, LOG_WEIGHTS, MODE_MEANS, torch.full((3,), math.log(MODE_STD)))
 
 
@@ -194,7 +195,8 @@ def run_gsim(args, gen, watch=None):
     """Stage 1: distil the guided teacher into a one-step generator for args.iters iterations; returns its EMA.
     Adam (0, 0.999) at 1e-3 for both networks, the generator's lr constant for the first half and then decaying
     linearly to 0 (the pseudo-Huber direction does not shrink near the optimum, so a constant lr to the end keeps the
-    student jittering), EMA 0.99, two aux updates per generator update. watch(i, G_ema), if given, is called before iteration i and after the last.
+    student jittering), EMA 0.99, two aux updates per generator update. watch(i, G_ema), if given, is called before
+    iteration i and after the last.
 
     What GSIM has to learn here. Read at t* = 400, the teacher's eps gives the posterior mean
     x0 = k z + (1 - k') sum_m r_m(z) mu_m: a small multiple of z (k = 0.13) plus a convex combination of the means
@@ -286,8 +288,8 @@ def floor_of(refs, c):
     """The floor: what `distances` gives, on average, for two independent sets of teacher samples; refs is a list of
     such sets. The energy distance is a V-statistic, whose mean for two sets of N and M samples of one law is
     E|X - X'| (1/N + 1/M): estimated from the distances between every pair of sets it is steady to 0.3%, while one
-    pair's own energy distance ranges over about 0.6x to 1.5x of it. Sliced W2 has no such formula: its floor is the
-    mean over every pair. Returns the floor and each pair's `distances`."""
+    pair's own energy distance lies anywhere from about 0.5x to 2x of it. Sliced W2 has no such formula: its floor
+    is the mean over every pair. Returns the floor and each pair's `distances`."""
     pairs = [(a, b) for i, a in enumerate(refs) for b in refs[i + 1:]]
     mean_ed = [per_class(lambda a, b: torch.cdist(a, b).mean().item() * (1 / len(a) + 1 / len(b)), a, b, c)
                for a, b in pairs]

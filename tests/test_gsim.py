@@ -168,10 +168,10 @@ def test_detached_inputs_give_exactly_zero_generator_gradient():
 
 def distances(G, truth):
     """Per-class sliced W2 and energy distance to exact samples (marval_2d.distances: m2.SETS student sets of 8,000,
-    each against one exact set), the floor (every pair of m2.FLOOR_SETS exact sets, marval_2d.floor_of), and the largest error of
-    the mode masses against the true weights on 40,000 samples (nearest-mode shares; at this separation the nearest-
-    mode share of the true mixture equals its weight to 0.001, and 20,000 per class keep the sampling error near
-    0.003)."""
+    each against one exact set), the floor (every pair of m2.FLOOR_SETS exact sets, marval_2d.floor_of), and the
+    largest error of the mode masses against the true weights on 40,000 samples (nearest-mode shares; at this
+    separation the nearest-mode share of the true mixture equals its weight to 0.001, and 20,000 per class keep the
+    sampling error near 0.003)."""
     c, refs = truth
     d = m2.distances([m2.student_sample(G, c, 99 + k) for k in range(m2.SETS)], refs[:m2.SETS], c)
     floor, _ = m2.floor_of(refs, c)
@@ -196,10 +196,10 @@ def test_gsim_reaches_the_mixture_and_a_flipped_sign_does_not(truth):
 
 
 def test_the_2d_lesson_at_its_defaults(tmp_path):
-    """`python marval_2d.py` as a reader runs it (guided teacher at cfg 1.2, 3,000 iterations, about a minute): the student
-    ends within 2x the energy-distance floor and 1.5x the sliced-W2 floor (each the mean over pairs of 4,000-sample
-    sets), class masses within 0.03 of the teacher's; RL with the DRaFT+ penalty raises the reward and keeps the
-    masses, without it every class piles onto the reward's peak."""
+    """`python marval_2d.py` as a reader runs it (guided teacher at cfg 1.2, 3,000 iterations, about a minute): the
+    student ends within 2x the energy-distance floor and 1.5x the sliced-W2 floor (marval_2d.floor_of: what two sets
+    of 4,000 teacher samples score on average), class masses within 0.03 of the teacher's; RL with the DRaFT+ penalty
+    raises the reward and keeps the masses, without it every class piles onto the reward's peak."""
     report = m2.main(["--out-dir", str(tmp_path)])
     mm = {k: torch.tensor(v) for k, v in report["mode_masses"].items()}
     print(f"2-D lesson: energy distance {report['ed_over_floor_start']:.1f}x -> {report['ed_over_floor']:.2f}x, "

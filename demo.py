@@ -1,4 +1,4 @@
-"""The whole MARVAL pipeline on the bundled toy digits, on a CPU: 10 to 21 minutes on 2 cores (the time scales with
+"""The whole MARVAL pipeline on the bundled toy digits, on a CPU: 9 to 21 minutes on 2 cores (the time scales with
 the machine's matmul throughput, which report.md records; docs/results.md, section 1, gives measured runs).
 
     python demo.py                       # -> runs/demo/report.md, report.json, grid_*.png

@@ -12,7 +12,8 @@ with a reward. Here the "token" is a point in the plane and c is one of two clas
      an auxiliary eps network, both copies of the teacher at the start, trained in turn with the project's
      `gsim_generator_loss` (time weight sigma_t, p = 1; the digits toy uses p = 3) and `aux_dsm_loss`, towards the
      floor: how far apart two sets of teacher samples are. What the generator must learn is a steep switch between
-     modes; its eps network reads x through Fourier features so that it can (`run_gsim`; --raw-inputs: polygons).
+     modes; its eps network reads x through Fourier features so that it can (`run_gsim`; --raw-inputs both:
+     polygons).
   3. Stage 2, RL: a reward (the log density of a target disc that overlaps some modes) back-propagated through the
      one-step generator, with and without the DRaFT+ penalty toward the frozen student: without it every sample
      piles onto the reward's peak (reward hacking); with it the student moves less.
@@ -25,14 +26,16 @@ window; distance to the floor against iterations; class 0's mode masses) and OUT
     python marval_2d.py --out-dir runs/2d_sim --path-weight 0      # SIM's loss (no path term): a biased gradient
 
 Knobs, and what a student of the course sees (measured; the numbers: docs/results.md, section 3):
-  --path-weight 0     SIM's loss without the path term d(y): a biased gradient.
-  --flip-sign         y -> -y: GSIM drives the student away from the teacher; each class collapses onto one mode.
+  --path-weight 0     SIM's loss without the path term d(y): a biased gradient (tests/test_gsim.py's 1-D check: 0.48
+                      against 0.77), which here makes no visible difference.
+  --flip-sign         y -> -y: GSIM drives the student away from the teacher, far out of the window.
   --detach-dprime     Delta without gradient, so d(y) and d'(y) are constants and only eps_phi(x_t) in the
                       projection term carries one (tests/test_gsim.py's 1-D "detached").
-  --raw-inputs        the residuals read raw coordinates, no Fourier features: each class becomes a polygon
-                      (`run_gsim` says why).
+  --raw-inputs both   the residuals read raw coordinates, no Fourier features: each class becomes a polygon
+                      (`run_gsim` says why; `generator` or `aux` drops the features of one network only).
   --aux-steps 1       one aux update per generator update.
-  --cfg 2             a stronger guidance: the teacher's modes sharpen and its weakest mode nearly vanishes.
+  --cfg 2             a stronger guidance: the teacher's modes sharpen, its weakest mode shrinks and the student's
+                      vanishes.
   --r 1               a large pseudo-Huber constant turns d(y) into a squared loss.
   --reg-weight       the DRaFT+ penalty of the penalised RL run (the last panel is always the run without it).
 """
@@ -90,10 +93,11 @@ class MixtureEpsNet(nn.Module):
     teacher's head, and both train every parameter.
 
     Why the residual reads x through Fourier features (Tancik et al. 2020, arXiv:2006.10739): the one-step generator
-    needs a steep function, the switch from one mode to the next (`run_gsim`), and a small MLP on raw 2-D coordinates
-    learns steep functions slowly (its spectral bias, Rahaman et al. 2019, arXiv:1806.08734): an Adam step moves a
-    weight by about the lr, so 3,000 steps at 1e-3 move it by a few units at most. raw_inputs=True drops the
-    features: the student becomes a polygon per class."""
+    needs a steep function, the switch from one mode to the next (`run_gsim`). A small MLP on raw 2-D coordinates
+    learns steep functions slowly (its spectral bias, Rahaman et al. 2019, arXiv:1806.08734): its first layer's slopes
+    start near 0.2 and have to grow through three layers. cos / sin(8 x) have slope 8 from the start, so a steep
+    switch is a readout of features the network already has. raw_inputs=True drops them.
+    """
 
     def __init__(self, width=128, raw_inputs=False):
         super().__init__()
@@ -199,15 +203,20 @@ def run_gsim(args, gen, watch=None):
     iteration i and after the last.
 
     What GSIM has to learn here. Read at t* = 400, the teacher's eps gives the posterior mean
-    x0 = k z + (1 - k') sum_m r_m(z) mu_m: a small multiple of z (k = 0.13) plus a convex combination of the means
-    whose responsibilities r_m(z) switch from one mode to the next over |z| ~ 1 (at t* = 400 the noised modes are 0.63
-    wide and 1.14 apart), so most of z-space lies in a switch and lands between modes. A one-step sampler needs the
-    switch steep: the mass on the bridge between two modes is the z-mass inside their switch. With the residual on raw
-    coordinates (args.raw_inputs) the quickest steepening GSIM finds is the mixture's one width per class (it sets
-    both k and the switch's softness): it shrinks, the modes become points at the corners of a polygon and the mass
-    lies on its edges. With Fourier features (`MixtureEpsNet`) the residual makes the switch itself
-    (docs/results.md, section 3: the runs that showed it)."""
-    G, aux = MixtureEpsNet(raw_inputs=args.raw_inputs), MixtureEpsNet(raw_inputs=args.raw_inputs)
+    x0 = k z + (1 - k') sum_m r_m(z) mu_m, with var = alpha^2 s^2 + sigma^2 the noised mode's variance (s = 0.25 the
+    mode's width, alpha, sigma those of t* = 400), k = alpha s^2 / var = 0.13 and k' = alpha^2 s^2 / var = 0.10: a
+    small multiple of z plus a convex combination of the means. The responsibilities r_m(z) switch from one mode to
+    the next across a band about 1.5 wide in z (their log-odds grow by 2.9 per unit of z), so most of z-space lies in
+    a switch and lands between modes, on the chord joining them. A one-step sampler needs the switch steep (the mass
+    between two modes is the z-mass inside their switch) and each mode spread to the teacher's width.
+    With the residuals on raw coordinates (args.raw_inputs "both" or "generator") GSIM does neither: the switch stays
+    soft and the mixture part's width s shrinks (0.25 -> about 0.12; why GSIM moves it down is not derived here),
+    which cuts k, the modes' own spread, fourfold while steepening the switch by only 8%. Each mode becomes nearly a
+    point at a corner and the switch's mass lies on the chords: a polygon per class. With Fourier features
+    (`MixtureEpsNet`) the residual makes the switch and spreads the modes (docs/results.md, section 3: the runs).
+    """
+    raw = {"generator": (True, False), "aux": (False, True), "both": (True, True)}.get(args.raw_inputs, (False, False))
+    G, aux = MixtureEpsNet(raw_inputs=raw[0]), MixtureEpsNet(raw_inputs=raw[1])
     G_ema = copy.deepcopy(G).requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.999))  # betas (0, 0.999): distill_gsim note 6
     opt_a = torch.optim.Adam(aux.parameters(), lr=args.lr, betas=(0.0, 0.999))
@@ -238,8 +247,8 @@ def reward(x):
 def rl_refine(G, steps, reg_weight, batch, gen, lr=1e-3):
     """MARVAL-RL on one token: maximise mean R(g(z, c)) by gradient ascent through the one-step generator, with
     the DRaFT+ penalty beta |g(z, c) - g_frozen(z, c)|^2 for the same z and c (rl_refine.py's loss with K = 1).
-    The reward's curvature is 1 / (2 TARGET_STD^2) = 4.1, so at beta = 16 each sample's optimum lies ~20% of the
-    way to the peak. Adam at torch's default betas: no aux network here to keep pace with."""
+    The reward's curvature is 1 / TARGET_STD^2 = 8.2 against the penalty's 2 beta = 32, so each sample's optimum
+    lies 8.2 / (8.2 + 32) ~ 20% of the way to the peak. Adam at torch's default betas: no aux network here to keep pace with."""
     G, frozen = copy.deepcopy(G).requires_grad_(True), copy.deepcopy(G).requires_grad_(False)
     opt = torch.optim.Adam(G.parameters(), lr=lr)
     for _ in range(steps):
@@ -306,6 +315,14 @@ def mode_masses(x, c):
     return out
 
 
+def between_modes(x, c):
+    """Share of the samples x (N, 2) of classes c farther than 2.5 MODE_STD from every mode of their class: the mass
+    on the bridges between modes, plus the modes' own tails (4.4% of one Gaussian mode of width MODE_STD; compare
+    the teacher's share)."""
+    own = MODE_MEANS.reshape(2, 4, 2)[c]                                                # (N, 4, 2)
+    return ((x[:, None] - own).norm(dim=-1).min(1).values > 2.5 * MODE_STD).float().mean().item()
+
+
 def student_sample(G, c, seed):
     with torch.no_grad():
         return one_step(G, c, torch.randn(len(c), 2, generator=torch.Generator().manual_seed(seed)))
@@ -319,7 +336,7 @@ LIM = (-2, 2)                      # every scatter panel: the same square window
 
 def scatter(ax, x, c, title, note=""):
     """Points x (N, 2) coloured by class on a matplotlib axes, the eight mode means (crosses), the reward's 1- and
-    2-sigma circles (grey, dashed), a title and a note of numbers under it."""
+    2-sigma circles (dashed, drawn over the points), a title and a note of numbers under it."""
     import matplotlib.patches as patches
     for k in (0, 1):
         pts = x[c == k]
@@ -327,8 +344,8 @@ def scatter(ax, x, c, title, note=""):
     ax.scatter(MODE_MEANS[:, 0], MODE_MEANS[:, 1], marker="x", s=18, color="black", linewidths=0.8,
                label="mode means")
     for k in (1, 2):
-        ax.add_patch(patches.Circle(TARGET.tolist(), k * TARGET_STD, fill=False, color="gray", ls="--", lw=0.8,
-                                    label="reward: 1, 2 sigma" if k == 1 else None))
+        ax.add_patch(patches.Circle(TARGET.tolist(), k * TARGET_STD, fill=False, color="0.2", ls="--", lw=0.9,
+                                    zorder=3, label="reward: 1, 2 sigma" if k == 1 else None))
     ax.set(xlim=LIM, ylim=LIM, aspect="equal", xlabel="x1", title=title)
     ax.set_xticks([-2, -1, 0, 1, 2])
     ax.set_yticks([-2, -1, 0, 1, 2])
@@ -341,13 +358,16 @@ def save_figure(panels, history, masses, path, floor_range):
     """One PNG. Top row: scatter panels [(title, samples (N, 2), classes (N,), note)], all on the same [-2, 2]^2
     window. Bottom left: the student's distance to the teacher against GSIM iterations in multiples of the floor
     (log scale; 1 is the floor), with floor_range (lowest, highest) the energy distance of single pairs of teacher
-    sets over the floor, shaded. Bottom right: class 0's mode masses (the weights GSIM must keep, RL may move)."""
+    sets over the floor, shaded. Bottom right: each class's mode masses, masses = {name: (2, 4)} (the weights GSIM
+    must keep, RL may move)."""
     plt = figures.pyplot()
     n = len(panels)
     fig = plt.figure(figsize=(2.6 * n, 6.6))
-    grid = fig.add_gridspec(2, n, height_ratios=(1, 0.8), hspace=0.55, wspace=0.3)
+    rows = fig.add_gridspec(2, 1, height_ratios=(1, 0.8), hspace=0.55)
+    top = rows[0].subgridspec(1, n, wspace=0.3)
+    bottom = rows[1].subgridspec(1, 3, width_ratios=(3, 2, 2), wspace=0.3)  # the curve, then class 0's and 1's bars
     for i, (title, x, c, note) in enumerate(panels):
-        ax = fig.add_subplot(grid[0, i])
+        ax = fig.add_subplot(top[0, i])
         scatter(ax, x, c, title, note)
         if i == 0:
             ax.set_ylabel("x2")
@@ -355,13 +375,13 @@ def save_figure(panels, history, masses, path, floor_range):
             handles, labels = ax.get_legend_handles_labels()
             handles[:2] = [Line2D([], [], ls="", marker="o", ms=5, color=COLORS[k]) for k in (0, 1)]
             fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, 0.97))
-    half = n // 2 + 1
-    ax = fig.add_subplot(grid[1, :half])
+    ax = fig.add_subplot(bottom[0, 0])
     it = [h["iter"] for h in history]
     ax.plot(it, [h["ed_over_floor"] for h in history], "o-", ms=3, label="energy distance / its floor")
     ax.plot(it, [h["sw_over_floor"] for h in history], "s-", ms=3, label="sliced W2 / its floor")
     ax.axhline(1, color="gray", ls="--", lw=1, label="the floor: two sets of teacher samples (mean)")
-    ax.axhspan(*floor_range, color="gray", alpha=0.15, lw=0, label="energy distance of one pair of teacher sets")
+    ax.axhspan(*floor_range, color="gray", alpha=0.15, lw=0,
+               label=f"one pair of teacher sets (the curve averages {SETS} pairs)")
     end = history[-1]
     ax.annotate(f"{end['ed_over_floor']:.2f}x", (end["iter"], end["ed_over_floor"]), textcoords="offset points",
                 xytext=(-10, 8), fontsize=8)
@@ -372,15 +392,19 @@ def save_figure(panels, history, masses, path, floor_range):
     ax.title.set_fontsize(9)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=7)
-    ax = fig.add_subplot(grid[1, half + 1:])
     width = 0.8 / len(masses)
-    for j, (name, m) in enumerate(masses.items()):
-        ax.bar([k + (j - (len(masses) - 1) / 2) * width for k in range(4)], m[0], width, label=name)
-    ax.set(xticks=range(4), xticklabels=[f"mode {k}\n(weight {w:.1f})" for k, w in enumerate(CLASS_WEIGHTS[0])],
-           ylabel="share of class 0's samples", ylim=(0, 1), title="class 0: share of samples nearest each mode")
-    ax.title.set_fontsize(9)
-    ax.grid(True, axis="y", alpha=0.25)
-    ax.legend(fontsize=7)
+    for cls in (0, 1):
+        ax = fig.add_subplot(bottom[0, 1 + cls])
+        for j, (name, m) in enumerate(masses.items()):
+            ax.bar([k + (j - (len(masses) - 1) / 2) * width for k in range(4)], m[cls], width, label=name)
+        degrees = [round(float(a) * 180 / math.pi) for a in ANGLES[cls]]
+        ax.set(xticks=range(4), xticklabels=[f"{d} deg\n(w {w:.2f})" for d, w in zip(degrees, CLASS_WEIGHTS[cls])],
+               ylim=(0, 1.05), title=f"class {cls}: share of samples nearest each mode", xlabel="mode: angle (weight)")
+        ax.set_ylabel("share of the class's samples" if cls == 0 else "")
+        ax.title.set_fontsize(9)
+        ax.grid(True, axis="y", alpha=0.25)
+        if cls == 1:
+            ax.legend(fontsize=7, loc="upper right")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
@@ -398,8 +422,8 @@ def get_args(argv=None):
     p.add_argument("--path-weight", type=common.NONNEG, default=1.0, help="1: GSIM; 0: SIM's loss")
     p.add_argument("--flip-sign", action="store_true", help="y -> -y in the generator loss")
     p.add_argument("--detach-dprime", action="store_true", help="no gradient through Delta (d'(y) detached)")
-    p.add_argument("--raw-inputs", action="store_true",
-                   help="both eps networks' residuals read raw x, no Fourier features: the polygons")
+    p.add_argument("--raw-inputs", choices=("generator", "aux", "both"), default=None,
+                   help="these eps networks' residuals read raw x, no Fourier features (generator, both: polygons)")
     p.add_argument("--aux-steps", type=common.COUNT, default=2, help="aux DSM updates per generator update")
     p.add_argument("--rl-steps", type=common.COUNT, default=300)
     p.add_argument("--reg-weight", type=common.NONNEG, default=16.0, help="DRaFT+ penalty of the penalised RL run")
@@ -443,6 +467,8 @@ def main(argv=None):
                         "student": mode_masses(torch.cat(snapshots[args.iters]), c.repeat(SETS)).tolist(),
                         "rl_penalised": mode_masses(x_rl[args.reg_weight], c).tolist(),
                         "rl_unpenalised": mode_masses(x_rl[0.0], c).tolist()},
+        "between_modes": {"teacher": between_modes(torch.cat(refs), c.repeat(FLOOR_SETS)),
+                          "student": between_modes(torch.cat(snapshots[args.iters]), c.repeat(SETS))},
         "student_mode_std": student.log_std[:2].exp().tolist(),  # the mixture part's width per class (teacher 0.25)
         "reward_before": reward(x_student).mean().item(), "reward_after": reward(x_rl[args.reg_weight]).mean().item(),
         "reward_after_unpenalised": reward(x_rl[0.0]).mean().item(), "settings": vars(args)}

@@ -11,7 +11,8 @@ with a reward. Here the "token" is a point in the plane and c is one of two clas
   2. Stage 1, GSIM: a one-step generator g(z, c) = mar.one_step_x0 (z read as x_400; G below is its eps network) and
      an auxiliary eps network, both copies of the teacher at the start, trained in turn with the project's
      `gsim_generator_loss` (time weight sigma_t, p = 1; the digits toy uses p = 3) and `aux_dsm_loss`, towards the
-     floor: how far apart two sets of teacher samples are. What the generator must learn is a steep switch between
+     floor: how far apart two sets of teacher samples are (100-step samples of the guided teacher, which GSIM's target
+     only approximates at cfg != 1, so the floor is a yardstick, not a bound). What the generator must learn is a steep switch between
      modes; its eps network reads x through Fourier features so that it can (`run_gsim`; --raw-inputs both:
      polygons).
   3. Stage 2, RL: a reward (the log density of a target disc that overlaps some modes) back-propagated through the
@@ -199,8 +200,8 @@ def run_gsim(args, gen, watch=None):
     """Stage 1: distil the guided teacher into a one-step generator for args.iters iterations; returns its EMA.
     Adam (0, 0.999) at 1e-3 for both networks, the generator's lr constant for the first half and then decaying
     linearly to 0 (the pseudo-Huber direction does not shrink near the optimum, so a constant lr to the end keeps the
-    student jittering), EMA 0.99, two aux updates per generator update. watch(i, G_ema), if given, is called before
-    iteration i and after the last.
+    student jittering), the generator's gradient norm clipped at 1, EMA 0.99, two aux updates per generator update.
+    watch(i, G_ema), if given, is called before iteration i and after the last.
 
     What GSIM has to learn here. Read at t* = 400, the teacher's eps gives the posterior mean
     x0 = k z + (1 - k') sum_m r_m(z) mu_m, with var = alpha^2 s^2 + sigma^2 the noised mode's variance (s = 0.25 the

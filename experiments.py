@@ -293,7 +293,8 @@ def draw_figures(rep, out_dir):
         div = rep["diversity"]
         figures.plot_panels([dict(title="mode coverage: recall of each class's held-out digits", xlabel="digit class",
                                  ylabel="recall, k = 3 (fraction)", ylim=(0, 1),
-                                 series=[(f"{m} (mean {div[f'{m}_recall']:.3f})",
+                                 xticks=list(range(len(div["teacher_class_recall"]))),
+                                 series=[(f"{m} (all classes together: {div[f'{m}_recall']:.3f})",
                                           [(c, v, None) for c, v in enumerate(div[f"{m}_class_recall"])])
                                          for m in ("teacher", "student")])],
                            os.path.join(out_dir, "fig_diversity.png"))

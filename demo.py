@@ -31,10 +31,10 @@ import time
 import torch
 
 import common
-import figures
 import data
 import distill_gsim
 import evaluate
+import figures
 import mar
 import rl_refine
 import train_mar

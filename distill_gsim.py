@@ -72,8 +72,8 @@ import torch.nn.functional as F
 
 import data
 import common
-import figures
 import evaluate
+import figures
 import mar
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -45,11 +45,11 @@ import numpy as np
 import torch
 
 import common
-import figures
 import data
 import demo
 import distill_gsim
 import evaluate
+import figures
 import train_mar
 
 FID_NOISE = 1.0  # least toy FID spread between seed sets of 400 digits: smaller differences are not shapes

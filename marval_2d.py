@@ -12,9 +12,9 @@ with a reward. Here the "token" is a point in the plane and c is one of two clas
      an auxiliary eps network, both copies of the teacher at the start, trained in turn with the project's
      `gsim_generator_loss` (time weight sigma_t, p = 1; the digits toy uses p = 3) and `aux_dsm_loss`, towards the
      floor: how far apart two sets of teacher samples are (100-step samples of the guided teacher, which GSIM's target
-     only approximates at cfg != 1, so the floor is a yardstick, not a bound). What the generator must learn is a steep switch between
-     modes; its eps network reads x through Fourier features so that it can (`run_gsim`; --raw-inputs both:
-     polygons).
+     only approximates at cfg != 1, so the floor is a yardstick, not a bound). What the generator must learn is a
+     steep switch between modes; its eps network reads x through Fourier features so that it can (`run_gsim`;
+     --raw-inputs both: polygons).
   3. Stage 2, RL: a reward (the log density of a target disc that overlaps some modes) back-propagated through the
      one-step generator, with and without the DRaFT+ penalty toward the frozen student: without it every sample
      piles onto the reward's peak (reward hacking); with it the student moves less.
@@ -68,6 +68,7 @@ NULL = 2
 _w = torch.full((3, 8), 1e-13)
 _w[0, :4], _w[1, 4:], _w[2] = CLASS_WEIGHTS[0], CLASS_WEIGHTS[1], torch.cat(list(CLASS_WEIGHTS)) / 2
 LOG_WEIGHTS = _w.log()                                                                        # (3 classes, 8)
+LOG_STD = torch.full((3,), math.log(MODE_STD))                                                # (3 classes,)
 DIFF = GaussianDiffusion(1000)  # the 1000-step cosine process of MAR's head
 ABAR = DIFF.alphas_cumprod.float()
 
@@ -103,7 +104,7 @@ class MixtureEpsNet(nn.Module):
     def __init__(self, width=128, raw_inputs=False):
         super().__init__()
         self.log_w, self.means = nn.Parameter(LOG_WEIGHTS.clone()), nn.Parameter(MODE_MEANS.clone())
-        self.log_std = nn.Parameter(torch.full((3,), math.log(MODE_STD)))
+        self.log_std = nn.Parameter(LOG_STD.clone())
         self.register_buffer("x_freqs", torch.tensor([] if raw_inputs else X_FREQS))
         n_in = 2 + 4 * len(self.x_freqs) + 16 + 3
         self.net = nn.Sequential(nn.Linear(n_in, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
@@ -121,7 +122,7 @@ class MixtureEpsNet(nn.Module):
 def teacher(x_t, t, c):
     """The teacher's exact eps (N, 2): what MixtureEpsNet() computes at initialisation, without its residual (zero
     there; skipping it makes a 100-step sample 7x faster)."""
-    return mixture_eps(x_t, t, c, LOG_WEIGHTS, MODE_MEANS, torch.full((3,), math.log(MODE_STD)))
+    return mixture_eps(x_t, t, c, LOG_WEIGHTS, MODE_MEANS, LOG_STD)
 
 
 def sample_mixture(c, gen):
@@ -203,12 +204,12 @@ def run_gsim(args, gen, watch=None):
     student jittering), the generator's gradient norm clipped at 1, EMA 0.99, two aux updates per generator update.
     watch(i, G_ema), if given, is called before iteration i and after the last.
 
-    What GSIM has to learn here. Read at t* = 400, the teacher's eps gives the posterior mean
-    x0 = k z + (1 - k') sum_m r_m(z) mu_m, with var = alpha^2 s^2 + sigma^2 the noised mode's variance (s = 0.25 the
-    mode's width, alpha, sigma those of t* = 400), k = alpha s^2 / var = 0.13 and k' = alpha^2 s^2 / var = 0.10: a
-    small multiple of z plus a convex combination of the means. The responsibilities r_m(z) switch from one mode to
-    the next across a band about 1.5 wide in z (their log-odds grow by 2.9 per unit of z), so most of z-space lies in
-    a switch and lands between modes, on the chord joining them. A one-step sampler needs the switch steep (the mass
+    What GSIM has to learn here. Read at t* = 400, the teacher's eps gives the posterior mean (Tweedie's formula for
+    a Gaussian mixture) x0 = k z + (1 - k') sum_m r_m(z) mu_m, with var = alpha^2 s^2 + sigma^2 the noised mode's
+    variance (s = 0.25 the mode's width, alpha, sigma those of t* = 400), k = alpha s^2 / var = 0.13 and
+    k' = alpha^2 s^2 / var = 0.10: a small multiple of z plus a convex combination of the means. The
+    responsibilities r_m(z) switch from one mode to the next across a band about 1.5 wide in z (their log-odds grow
+    by 2.9 per unit of z), so most of z-space lies in a switch and lands between modes, on the chord joining them. A one-step sampler needs the switch steep (the mass
     between two modes is the z-mass inside their switch) and each mode spread to the teacher's width.
     With the residuals on raw coordinates (args.raw_inputs "both" or "generator") GSIM does neither: the switch stays
     soft and the mixture part's width s shrinks (0.25 -> about 0.12; why GSIM moves it down is not derived here),
@@ -249,7 +250,8 @@ def rl_refine(G, steps, reg_weight, batch, gen, lr=1e-3):
     """MARVAL-RL on one token: maximise mean R(g(z, c)) by gradient ascent through the one-step generator, with
     the DRaFT+ penalty beta |g(z, c) - g_frozen(z, c)|^2 for the same z and c (rl_refine.py's loss with K = 1).
     The reward's curvature is 1 / TARGET_STD^2 = 8.2 against the penalty's 2 beta = 32, so each sample's optimum
-    lies 8.2 / (8.2 + 32) ~ 20% of the way to the peak. Adam at torch's default betas: no aux network here to keep pace with."""
+    lies 8.2 / (8.2 + 32) ~ 20% of the way to the peak. Adam at torch's default betas: no aux network here to keep
+    pace with."""
     G, frozen = copy.deepcopy(G).requires_grad_(True), copy.deepcopy(G).requires_grad_(False)
     opt = torch.optim.Adam(G.parameters(), lr=lr)
     for _ in range(steps):
@@ -307,21 +309,22 @@ def floor_of(refs, c):
     return {"ed": sum(mean_ed) / len(pairs), "sw": sum(p["sw"] for p in each) / len(pairs)}, each
 
 
+def own_mode_distances(x, c):
+    """Distance of each sample x (N, 2) of classes c (N,) to each of its own class's four mode means: (N, 4)."""
+    return (x[:, None] - MODE_MEANS.reshape(2, 4, 2)[c]).norm(dim=-1)               # means of class c: (N, 4, 2)
+
+
 def mode_masses(x, c):
     """Share of each class's samples nearest to each of its own four modes: (2, 4)."""
-    out = torch.zeros(2, 4)
-    for k in range(2):
-        nearest = (x[c == k][:, None] - MODE_MEANS[4 * k: 4 * k + 4][None]).norm(dim=-1).argmin(1)
-        out[k] = torch.bincount(nearest, minlength=4).float() / int((c == k).sum())
-    return out
+    nearest = own_mode_distances(x, c).argmin(1)                                    # (N,)
+    return torch.stack([torch.bincount(nearest[c == k], minlength=4).float() / int((c == k).sum()) for k in (0, 1)])
 
 
 def between_modes(x, c):
     """Share of the samples x (N, 2) of classes c farther than 2.5 MODE_STD from every mode of their class: the mass
     on the bridges between modes, plus the modes' own tails (4.4% of one Gaussian mode of width MODE_STD; compare
     the teacher's share)."""
-    own = MODE_MEANS.reshape(2, 4, 2)[c]                                                # (N, 4, 2)
-    return ((x[:, None] - own).norm(dim=-1).min(1).values > 2.5 * MODE_STD).float().mean().item()
+    return (own_mode_distances(x, c).min(1).values > 2.5 * MODE_STD).float().mean().item()
 
 
 def student_sample(G, c, seed):
